@@ -1,0 +1,188 @@
+"""Frozen configuration dataclasses and the presets of the models we support.
+
+Only the knobs that Stable Diffusion 1.x / 2.x (and our tiny test / toy models) actually vary are here;
+everything the real models share (sinusoidal time embedding with cos first, GEGLU feed-forward, 3x3
+convolutions, ...) is written directly in the network code instead of being configurable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The latent noise-prediction UNet (Rombach et al. 2022, Fig. 3)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width of each resolution level
+    attention: tuple[bool, ...] = (True, True, True, False)  # does the level have transformer blocks
+    heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level (SD 1.x: 8; SD 2.x: 64-dim heads)
+    layers_per_block: int = 2  # res blocks per down level (the up path has one more)
+    transformer_depth: int = 1  # transformer blocks after each res block of an attention level
+    cross_attention_dim: int = 768  # width of the text embeddings
+    linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear, SD 1.x with 1x1 conv
+    upcast_attention: bool = False  # compute q.k in fp32 (SD 2.1-v overflows in fp16 otherwise)
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        levels = len(self.channels)
+        if len(self.attention) != levels or len(self.heads) != levels:
+            raise ValueError(f"channels, attention and heads need one entry per level ({levels}): {self}")
+        for c, h in zip(self.channels, self.heads):
+            if c % h:
+                raise ValueError(f"{c} channels cannot be split into {h} heads")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.channels[0]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The KL-regularised autoencoder (AutoencoderKL) that maps 8x8 pixel patches to 4 latent channels."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (128, 256, 512, 512)  # encoder widths per level (decoder mirrors them)
+    layers_per_block: int = 2  # res blocks per encoder level (the decoder has one more)
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215  # latents are multiplied by this so they have ~unit variance
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A CLIP text transformer, as built by transformers' CLIPTextModel."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_length: int = 77
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # CLIP ViT-L: quick_gelu, OpenCLIP ViT-H: gelu
+    layer_norm_eps: float = 1e-5
+    # The tokenizer pads with this token. SD 1.x pads with the end token, SD 2.x (OpenCLIP) with "!" (id 0).
+    # The padding changes the embeddings of the padding positions, which cross-attention sees.
+    pad_token: str = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The DDPM noise schedule SD was trained with, and the DDIM sampling conventions it is used with.
+
+    Every value is stated here on purpose; none is left to a library default.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"  # scaled_linear: sqrt-linear betas
+    prediction_type: PredictionType = "epsilon"
+    steps_offset: int = 1  # "leading" timesteps are shifted by one: 981, 961, ..., 1 for 50 steps
+    # Past the last step DDIM needs abar of "timestep -1". SD uses abar[0] (set_alpha_to_one=False),
+    # not 1.0, so the final step does not fully denoise.
+    final_alpha_is_one: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig
+    vae: VAEConfig
+    text: TextConfig
+    schedule: ScheduleConfig
+    image_size: int = 512  # the resolution the model was trained at
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ModelConfig":
+        def build(cls: type, values: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+            # JSON has no tuples: turn lists back into tuples so configs stay hashable and comparable.
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        required = {"unet", "vae", "text", "schedule"}
+        missing = required - set(d)
+        if missing:
+            raise ValueError(f"model config lacks {sorted(missing)}")
+        rest = {k: v for k, v in d.items() if k not in required}
+        return build(
+            ModelConfig,
+            dict(
+                unet=build(UNetConfig, d["unet"]),
+                vae=build(VAEConfig, d["vae"]),
+                text=build(TextConfig, d["text"]),
+                schedule=build(ScheduleConfig, d["schedule"]),
+                **rest,
+            ),
+        )
+
+
+SD15 = ModelConfig(
+    unet=UNetConfig(),
+    vae=VAEConfig(),
+    text=TextConfig(),
+    schedule=ScheduleConfig(),
+    image_size=512,
+    name="sd15",
+)
+
+_SD2_UNET = UNetConfig(
+    heads=(5, 10, 20, 20),  # 64-dim heads everywhere
+    cross_attention_dim=1024,
+    linear_projection=True,
+)
+# OpenCLIP ViT-H/14 text tower; SD 2 uses the output of its penultimate layer, so the converted model keeps
+# 23 of its 24 layers (and applies the final layer norm), exactly as the diffusers-format weights do.
+_SD2_TEXT = TextConfig(
+    hidden_size=1024, num_layers=23, num_heads=16, intermediate_size=4096, activation="gelu", pad_token="!"
+)
+
+SD21_BASE = ModelConfig(
+    unet=_SD2_UNET, vae=VAEConfig(), text=_SD2_TEXT, schedule=ScheduleConfig(), image_size=512, name="sd21-base"
+)
+SD21 = ModelConfig(
+    unet=dataclasses.replace(_SD2_UNET, upcast_attention=True),
+    vae=VAEConfig(),
+    text=_SD2_TEXT,
+    schedule=ScheduleConfig(prediction_type="v_prediction"),
+    image_size=768,
+    name="sd21",
+)
+
+# A tiny model with the same structure (two levels, attention on one), for fast tests on random weights.
+TINY = ModelConfig(
+    unet=UNetConfig(
+        channels=(32, 64),
+        attention=(False, True),
+        heads=(2, 4),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8),
+    text=TextConfig(
+        vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, max_length=77
+    ),
+    schedule=ScheduleConfig(),
+    image_size=64,
+    name="tiny",
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21_BASE, SD21, TINY)}

@@ -1,0 +1,170 @@
+"""StableDiffusion: the UNet, the VAE, the text encoder and the noise schedule, and `load(folder)`.
+
+This module wires the networks together and nothing more: classifier-free guidance (Ho & Salimans 2022,
+arXiv 2207.12598) is one batched UNet call, latents are the VAE posterior scaled by the config's factor
+(Rombach et al. 2022, §4.3.2 / appendix), and every algorithm lives in ddim.py and edit.py.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPTokenizer
+
+from .configs import ModelConfig
+from .ddim import NoiseSchedule, eps_from_v
+from .text import Prompts, as_prompt_list, build_text_model, encode_text, load_text_state_dict, load_tokenizer
+from .text import text_state_dict, tokenize
+from .unet import UNet
+from .vae import AutoencoderKL
+from .weights import TOKENIZER_DIR, check_state_dict, read_component, read_config, write_model_folder
+
+AttentionHook = Callable[[Tensor, bool, str], Tensor | None]
+
+
+class StableDiffusion(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: CLIPTokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.text_encoder = build_text_model(config.text)
+        self.tokenizer = tokenizer
+        self.schedule = NoiseSchedule.from_config(config.schedule)
+        self.provenance: dict[str, Any] = {}
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ---- text -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Prompts, clip_skip: int = 0) -> Tensor:
+        """Prompts -> (B, 77, D) embeddings in the UNet's dtype."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt embeddings instead of prompts")
+        ids = tokenize(self.tokenizer, as_prompt_list(prompts), self.config.text.max_length)
+        return encode_text(self.text_encoder, ids, clip_skip).to(self.dtype)
+
+    def check_embeddings(self, embeddings: Tensor, what: str = "prompt embeddings") -> Tensor:
+        """Validate user-given embeddings (B, tokens, cross_attention_dim)."""
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(embeddings).__name__}")
+        dim = self.config.unet.cross_attention_dim
+        if embeddings.ndim != 3 or embeddings.shape[-1] != dim:
+            raise ValueError(f"{what} must have shape (B, tokens, {dim}), got {tuple(embeddings.shape)}")
+        return embeddings.to(self.device, self.dtype)
+
+    # ---- images <-> latents -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents z0 (B, 4, H/8, W/8).
+
+        By default the posterior mean (deterministic); `sample=True` draws from the posterior with
+        `generator`, as diffusers' pipelines do.
+        """
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        factor = self.config.vae.downsample_factor
+        if images.shape[-1] % factor or images.shape[-2] % factor:
+            raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[-2:])}")
+        posterior = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1)
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * self.config.vae.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+        images = self.vae.decode(latents.to(self.device, self.dtype) / self.config.vae.scaling_factor)
+        return ((images + 1) / 2).clamp(0, 1)
+
+    # ---- the denoiser -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        x: Tensor,
+        t: int | Tensor,
+        cond: Tensor,
+        uncond: Tensor | None = None,
+        guidance: float = 1.0,
+        attention_hook: AttentionHook | None = None,
+    ) -> Tensor:
+        """The UNet's own output (noise for epsilon models, v for v-models) with classifier-free guidance.
+
+        guidance g: out = out(uncond) + g (out(cond) - out(uncond)), one batched UNet call on
+        [uncond; cond]. g == 1 or uncond None: the conditional output alone (half the work).
+        """
+        if uncond is None or guidance == 1.0:
+            return self.unet(x, t, cond, attention_hook=attention_hook)
+        if uncond.shape != cond.shape:
+            raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} must have the same shape")
+        t2 = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 else t
+        out_uncond, out_cond = self.unet(torch.cat([x, x]), t2, torch.cat([uncond, cond]), attention_hook).chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+    @torch.no_grad()
+    def predict_noise(
+        self,
+        x: Tensor,
+        t: int,
+        cond: Tensor,
+        uncond: Tensor | None = None,
+        guidance: float = 1.0,
+        attention_hook: AttentionHook | None = None,
+    ) -> Tensor:
+        """The guided noise prediction eps(x, t), converted from v for v-models.
+
+        The conversion is affine with the same coefficients for both CFG branches, so guiding in v and
+        converting equals converting and guiding.
+        """
+        out = self.predict(x, t, cond, uncond, guidance, attention_hook)
+        if self.config.schedule.prediction_type == "v_prediction":
+            return eps_from_v(out, x, self.schedule.abar(int(t)))
+        return out
+
+    # ---- files --------------------------------------------------------------------------------------
+    def state_dicts(self) -> dict[str, dict[str, Tensor]]:
+        return {
+            "unet": self.unet.state_dict(),
+            "vae": self.vae.state_dict(),
+            "text_encoder": text_state_dict(self.text_encoder),
+        }
+
+    def save(self, folder: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+        if self.tokenizer is None:
+            raise ValueError("cannot save a model without a tokenizer")
+        with tempfile.TemporaryDirectory(prefix="diffedit-") as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            return write_model_folder(
+                folder, self.config, self.state_dicts(), tmp, self.provenance, dtype=dtype, force=force
+            )
+
+
+def load(
+    folder: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusion:
+    """Load a model folder (DESIGN.md layout) strictly: every tensor consumed, every shape checked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    config, provenance = read_config(folder)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, config.text)
+    model = StableDiffusion(config, tokenizer)
+    for name, module in (("unet", model.unet), ("vae", model.vae)):
+        tensors = read_component(folder, name)
+        check_state_dict(tensors, {k: v.shape for k, v in module.state_dict().items()}, name)
+        module.load_state_dict(tensors, strict=True)
+    load_text_state_dict(model.text_encoder, read_component(folder, "text_encoder"))
+    model.provenance = provenance
+    return model.to(device=device, dtype=dtype).eval()

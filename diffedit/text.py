@@ -1,0 +1,186 @@
+"""Prompts -> the token embeddings the UNet cross-attends to.
+
+The text encoder is transformers' CLIPTextModel (Radford et al. 2021, "Learning Transferable Visual Models
+From Natural Language Supervision"), used exactly as Stable Diffusion uses it: the whole 77-token sequence
+of the last (or, with clip_skip, an earlier) layer, passed through the final layer norm; no attention
+mask, so padding tokens are part of the context. SD 1.x pads with the end token, SD 2.x with "!".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .configs import TextConfig
+from .weights import check_state_dict
+
+Prompts = str | Sequence[str]
+
+
+def build_text_model(config: TextConfig) -> CLIPTextModel:
+    """A CLIPTextModel with random weights and exactly the architecture of `config`."""
+    hf_config = CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_length,
+        hidden_act=config.activation,
+        layer_norm_eps=config.layer_norm_eps,
+        # Token ids only matter for the pooled output, which SD never uses; eos 2 keeps transformers'
+        # argmax pooling, valid for any vocabulary.
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )
+    # Stated, not left to the library's choice: SDPA is the same math as the eager path.
+    hf_config._attn_implementation = "sdpa"
+    return CLIPTextModel(hf_config).eval()
+
+
+def load_tokenizer(folder: str | os.PathLike[str], config: TextConfig) -> CLIPTokenizer:
+    """CLIPTokenizer from a folder written by `save_pretrained` (vocab.json, merges.txt, ...).
+
+    The pad token decides the padding embeddings the UNet sees, so it must be the model's
+    (SD 1.x "<|endoftext|>", SD 2.x "!"): a mismatch is an error, not a silent change of the model.
+    """
+    folder = Path(folder)
+    has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe_files and not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json + merges.txt or tokenizer.json")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token != config.pad_token:
+        raise ValueError(
+            f"tokenizer in {folder} pads with {tokenizer.pad_token!r} but the model expects {config.pad_token!r}"
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the text model only {config.vocab_size}")
+    return tokenizer
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Prompts, max_length: int) -> Tensor:
+    """Token ids (B, max_length): start token, prompt, end token, padding. Long prompts are cut, with a warning."""
+    prompts = as_prompt_list(prompts)
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[1] > max_length:
+        cut = [p for p, row in zip(prompts, full) if int((row != tokenizer.pad_token_id).sum()) > max_length]
+        warnings.warn(f"prompts longer than {max_length} tokens were truncated: {cut}", stacklevel=3)
+    return ids.input_ids
+
+
+@torch.no_grad()
+def encode_text(model: CLIPTextModel, input_ids: Tensor, clip_skip: int = 0) -> Tensor:
+    """Token ids -> (B, 77, hidden) embeddings.
+
+    clip_skip = k takes the output of the k-th layer from the end (k = 0: the last layer); the final layer
+    norm is applied in every case, as the diffusers / A1111 convention does.
+    """
+    layers = model.config.num_hidden_layers
+    if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
+    device = next(model.parameters()).device
+    out = model(input_ids.to(device), output_hidden_states=clip_skip > 0)
+    if clip_skip == 0:
+        return out.last_hidden_state
+    return model.get_submodule(_prefix(model) + "final_layer_norm")(out.hidden_states[-(clip_skip + 1)])
+
+
+# On disk, text encoder tensors keep the names of the real SD files ("text_model.encoder.layers.0...").
+# transformers >= 5 dropped the "text_model." level from CLIPTextModel itself, so add / strip it here.
+FILE_PREFIX = "text_model."
+
+
+def _prefix(model: CLIPTextModel) -> str:
+    return FILE_PREFIX if hasattr(model, "text_model") else ""
+
+
+def text_state_dict(model: CLIPTextModel) -> dict[str, Tensor]:
+    """The model's tensors under the on-disk names."""
+    strip = len(_prefix(model))
+    return {
+        FILE_PREFIX + k[strip:]: v for k, v in model.state_dict().items() if not k.endswith("position_ids")
+    }
+
+
+def load_text_state_dict(model: CLIPTextModel, tensors: dict[str, Tensor]) -> None:
+    """Load on-disk tensors strictly (position_ids, a constant buffer in some files, may be present or not)."""
+    bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
+    if bad:
+        raise ValueError(f"text encoder tensors outside {FILE_PREFIX!r}: {bad[:10]}")
+    prefix = _prefix(model)
+    wanted = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    given = {prefix + k[len(FILE_PREFIX) :]: v for k, v in tensors.items() if not k.endswith("position_ids")}
+    check_state_dict(given, {k: model.state_dict()[k].shape for k in wanted}, "text encoder")
+    model.load_state_dict(given, strict=False)  # strict by the check above; position_ids is a buffer
+
+
+def as_prompt_list(prompts: Prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"a prompt must be a string or a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("empty list of prompts")
+    return list(prompts)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2 / CLIP byte-level BPE: every byte gets a printable unicode character.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def write_tokenizer(
+    folder: str | os.PathLike[str], words: Sequence[str], pad_token: str = "<|endoftext|>", max_length: int = 77
+) -> int:
+    """Write a small CLIP-style BPE tokenizer to `folder` and return its vocabulary size.
+
+    Every byte (alone and word-final) is a token, so any text can be encoded; each of `words` becomes a
+    single token through a chain of merges. For tests and for models trained here (the real SD models
+    come with OpenAI's 49408-token vocabulary).
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for piece in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(piece, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(w.lower() for w in words)):
+        if not word.isalpha():
+            raise ValueError(f"tokenizer words must be alphabetic, got {word!r}")
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    # Also the classic vocab.json + merges.txt pair, which every CLIP tokenizer version (and the SD hub
+    # repos) read.
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)

@@ -1,0 +1,119 @@
+"""The on-disk model layout (DESIGN.md): reading, strict checking and atomic writing.
+
+A model folder holds
+    unet.safetensors  vae.safetensors  text_encoder.safetensors   tensors under our own names
+    tokenizer/                                                    CLIPTokenizer files
+    model.json        {"format": ..., "config": ModelConfig as a dict, "provenance": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .configs import ModelConfig
+
+FORMAT = "diffedit-v1"
+COMPONENTS = ("unet", "vae", "text_encoder")
+TOKENIZER_DIR = "tokenizer"
+CONFIG_FILE = "model.json"
+
+
+def check_state_dict(given: dict[str, Tensor], expected: dict[str, torch.Size], what: str) -> None:
+    """One clear error naming every missing, unexpected and mis-shaped tensor (nothing is loaded leniently)."""
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    shapes = sorted(
+        f"{k}: {tuple(given[k].shape)} != {tuple(expected[k])}"
+        for k in set(given) & set(expected)
+        if tuple(given[k].shape) != tuple(expected[k])
+    )
+    if missing or extra or shapes:
+        parts = [f"{what} weights do not match the model:"]
+        for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)):
+            if items:
+                more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
+                parts.append(f"  {len(items)} {label}: {', '.join(items[:20])}{more}")
+        raise ValueError("\n".join(parts))
+
+
+def read_config(folder: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, provenance) from a model folder's model.json."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a diffedit model folder: {CONFIG_FILE} is missing")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:  # a missing key is reported as the wrong format, on purpose
+        raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+    return ModelConfig.from_dict(meta["config"]), meta["provenance"]
+
+
+def read_component(folder: str | os.PathLike[str], name: str) -> dict[str, Tensor]:
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"model folder {folder} lacks {path.name}")
+    return load_file(str(path))
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_model_folder(
+    out: str | os.PathLike[str],
+    config: ModelConfig,
+    tensors: dict[str, dict[str, Tensor]],
+    tokenizer_dir: str | os.PathLike[str],
+    provenance: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a model folder atomically: everything goes to a temporary sibling that is renamed into place
+    at the end, so a failure or interruption never leaves a half-written `out`.
+
+    `tensors` maps each of COMPONENTS to its state dict (our names). An existing `out` is replaced only
+    with `force=True`.
+    """
+    out = Path(out)
+    if sorted(tensors) != sorted(COMPONENTS):
+        raise ValueError(f"expected tensors for {COMPONENTS}, got {sorted(tensors)}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, state in tensors.items():
+            state = {
+                k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                for k, v in state.items()
+            }
+            save_file(state, str(tmp / f"{name}.safetensors"))
+        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        meta = {"format": FORMAT, "config": config.to_dict(), "provenance": provenance}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():  # force: move the old folder aside first so the swap is as short as possible
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
