@@ -1,0 +1,65 @@
+"""Which Stable Diffusion an original single-file checkpoint holds: SD 1.x or 2.x, epsilon or v-prediction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from diffedit.configs import SD15, SD21, SD21_BASE, ModelConfig
+
+# The probes diffusers' single_file_utils uses too (CHECKPOINT_KEY_NAMES "v2", "clip", "open_clip").
+CONTEXT_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # (C, context dim)
+CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # (320, in_channels, 3, 3)
+CLIP_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+OPENCLIP_KEY = "cond_stage_model.model.token_embedding.weight"
+
+
+def detect_single_file(
+    state_dict: dict[str, Tensor], prediction_type: str | None = None, image_size: int | None = None
+) -> ModelConfig:
+    """The ModelConfig of an original SD 1.x / 2.x single file (as read by ldm.read_checkpoint).
+
+    SD 1.x vs 2.x is certain: the UNet's cross-attention width (to_k of input_blocks.2.1's attn2) is 768 for
+    CLIP ViT-L (SD 1.x) and 1024 for OpenCLIP ViT-H (SD 2.x), and the text encoder's keys must agree.
+
+    epsilon vs v-prediction is a guess: the weights carry no flag (the original code read `parameterization`
+    from a separate yaml). Like diffusers (single_file_utils: "v2" -> stabilityai/stable-diffusion-2-1), we take
+      - SD 1.x: epsilon at 512 px (SD15), whatever the overrides leave open;
+      - SD 2.x: v-prediction at 768 px (SD21), or epsilon at 512 px (SD21_BASE) when image_size=512 or
+        prediction_type="epsilon" is given.
+    Limits: SD 2.x-base (512, epsilon) files and SD 2.x 768 (v) files have identical names and shapes, so a
+    2.x-base file needs prediction_type="epsilon" (or image_size=512); v-prediction fine-tunes of SD 1.x need
+    prediction_type="v_prediction". diffusers also reads a .ckpt's top-level `global_step` (875000 means
+    SD 2.0-base to it); .safetensors files never carry it and a step count names no release, so we do not.
+    The two overrides are used as given; the other one follows from them as above.
+    """
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be None, 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size <= 0 or image_size % 64):
+        raise ValueError(f"image_size must be a positive multiple of 64, got {image_size!r}")
+    if CONTEXT_KEY not in state_dict or CONV_IN_KEY not in state_dict:
+        hint = " (an SDXL file?)" if any(k.startswith("conditioner.") for k in state_dict) else ""
+        raise ValueError(f"not an original SD 1.x / 2.x checkpoint{hint}: it lacks {CONTEXT_KEY}")
+    in_channels = state_dict[CONV_IN_KEY].shape[1]
+    if in_channels != 4:
+        raise ValueError(f"the UNet takes {in_channels} input channels (inpainting or depth?); only 4 is supported")
+
+    context = state_dict[CONTEXT_KEY].shape[1]
+    text = "clip" if CLIP_KEY in state_dict else "openclip" if OPENCLIP_KEY in state_dict else None
+    if (context, text) == (768, "clip"):
+        preset = SD15
+        v = prediction_type == "v_prediction"
+        size = image_size or 512
+    elif (context, text) == (1024, "openclip"):
+        v = prediction_type == "v_prediction" if prediction_type else image_size != 512
+        preset = SD21 if v else SD21_BASE
+        size = image_size or preset.image_size
+    else:
+        raise ValueError(f"unknown model: cross-attention width {context} with text encoder {text or 'missing'}")
+
+    if (v, size) == (preset.schedule.prediction_type == "v_prediction", preset.image_size):
+        return preset
+    schedule = dataclasses.replace(preset.schedule, prediction_type="v_prediction" if v else "epsilon")
+    name = f"{preset.name}-{'v' if v else 'eps'}-{size}"
+    return dataclasses.replace(preset, schedule=schedule, image_size=size, name=name)
