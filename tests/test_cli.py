@@ -1,0 +1,103 @@
+"""The `diffedit` command on a tiny saved model: files written, no overwrite without --force, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffedit import Inversion
+from diffedit.cli import main
+
+from .conftest import make_tiny_model
+
+FAST = ["--steps", "6", "--num-maps", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_model(tokenizer_dir, "epsilon", seed=7).save(root / "model")
+    picture = Image.new("RGB", (16, 16), (30, 60, 200))
+    picture.paste((220, 20, 20), (4, 4, 12, 12))
+    picture.save(root / "in.png")
+    return {"model": root / "model", "image": root / "in.png"}
+
+
+def args(files: dict[str, Path], command: str, *rest: str | Path) -> list[str]:
+    return [command, "--model", str(files["model"]), "--image", str(files["image"]), *map(str, rest)]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffedit: error:"), err
+    assert all(w in err[0] for w in words), err
+
+
+def test_edit_writes_every_output_and_never_overwrites(files, tmp_path: Path, capsys) -> None:
+    out, mask, figure = tmp_path / "out.png", tmp_path / "mask.png", tmp_path / "fig.png"
+    cmd = args(files, "edit", "--source", "a bowl of fruits", "--target", "a bowl of pears", "--out", out,
+               "--mask-out", mask, "--figure", figure, *FAST)
+    assert main(cmd) == 0
+    assert Image.open(out).size == (16, 16) and Image.open(mask).mode == "L" and Image.open(figure).width > 3 * 16
+    before = out.read_bytes()
+    assert main(cmd) == 2
+    one_line_error(capsys, "exists", "--force")
+    assert main([*cmd, "--force"]) == 0
+    assert out.read_bytes() == before  # same seed, same bits
+
+
+def test_mask_invert_then_edit_from_the_file(files, tmp_path: Path, capsys) -> None:
+    mask, inv = tmp_path / "mask.png", tmp_path / "in.inversion.safetensors"
+    assert main(args(files, "mask", "--source", "a red square", "--target", "a blue circle", "--out", mask, *FAST)) == 0
+    assert set(Image.open(mask).histogram()[1:255]) == {0}  # only 0 and 255
+    assert main(args(files, "invert", "--out", inv, "--steps", "6", "--strength", "0.5", "--quiet")) == 0
+    loaded = Inversion.load(inv)
+    assert loaded.steps == 6 and loaded.strength == 0.5 and loaded.latents.shape == (1, 3, 4, 8, 8)
+    out = tmp_path / "out.png"
+    edit = args(files, "edit", "--source", "a red square", "--target", "a blue circle", "--out", out,
+                "--inversion", inv, "--num-maps", "2", "--quiet")
+    assert main(edit) == 0 and out.is_file()
+    out.unlink()
+    assert main([*edit, "--steps", "8"]) == 2  # the file says 6
+    one_line_error(capsys, "--steps", "inversion")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (["--strength", "1.5"], ["strength"]),
+        (["--guidance", "0.2"], ["guidance"]),
+        (["--num-maps", "zero"], ["--num-maps"]),
+        (["--image", "/nowhere/in.png"], ["does not exist"]),
+        (["--model", "/nowhere/model"], ["does not exist"]),
+        (["--out", "out.nope"], ["format"]),
+        (["--bogus"], ["unrecognized"]),
+        (["--inversion", "{image}"], ["inversion file"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(files, tmp_path: Path, capsys, bad: list[str], words: list[str]) -> None:
+    cmd = args(files, "edit", "--source", "a", "--target", "b", "--out", tmp_path / "out.png", *FAST)
+    bad = [b.format(image=files["image"]) for b in bad]
+    # later occurrences of an option win in argparse, so appending overrides the good value
+    assert main([*cmd, *bad]) == 2
+    one_line_error(capsys, *words)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_usage_errors_and_help(capsys) -> None:
+    assert main([]) == 2
+    one_line_error(capsys)
+    assert main(["--help"]) == 0
+    assert "edit" in capsys.readouterr().out
+
+
+def test_demo_runs(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["edit.png", "figure.png", "input.png", "mask.png"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
+    one_line_error(capsys, "exists")

@@ -1,0 +1,299 @@
+"""DiffEdit's default (paper-faithful) behaviour: each fix of diffusers' defects, batching, determinism, bad input.
+
+All on a TINY random model with 16x16 images (8x8 latents) and a handful of DDIM steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffedit import EditResult, Inversion, MaskResult, edit, generate_mask, invert
+from diffedit.ddim import ddim_step, timesteps
+from diffedit.edit import binarize
+from diffedit.image import mask_to_pil, overlay, side_by_side, to_mask, to_tensor
+
+from .conftest import make_tiny_model
+
+STEPS = 6  # the mask at t = 333 (strength 0.5); inversion and edit over 499, 333, 167, 1 (strength 0.8)
+FAST = dict(steps=STEPS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_dir: Path):
+    return make_tiny_model(tokenizer_dir, "epsilon", seed=2)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def inversion(model, images) -> Inversion:
+    return invert(model, images, **FAST)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the fixes ----------------------------------------------------------------------------------------------
+def test_empty_mask_returns_z0_exactly(model, inversion) -> None:
+    empty = torch.zeros(2, 1, 8, 8)
+    out = edit(model, inversion, empty, "a bowl of pears", output_type="latent", progress=False)
+    assert torch.equal(out.latents, inversion.z0)
+    # diffusers ends one level short, at the inversion's x_1
+    compat = edit(model, inversion, empty, "a bowl of pears", output_type="latent", diffusers_compat=True,
+                  progress=False)
+    assert torch.equal(compat.latents, inversion.latents[:, -1]) and not torch.equal(compat.latents, inversion.z0)
+
+
+def test_blend_uses_the_noise_level_of_the_step_output(model, inversion) -> None:
+    mask = (torch.rand(2, 1, 8, 8, generator=seeded(1)) > 0.5).float()
+    seen: list[dict] = []
+    out = edit(model, inversion, mask, "a bowl of pears", negative_prompt="a bowl of fruits", output_type="latent",
+               callback=seen.append, progress=False)
+    # property: after the step from timesteps[i], the unmasked latent is the inversion's at timesteps[i + 1]
+    levels = [*list(inversion.latents.unbind(1))[1:], inversion.z0]
+    assert [s["t"] for s in seen] == list(inversion.timesteps)
+    for s, expected in zip(seen, levels):
+        assert torch.equal(s["x"] * (1 - mask), expected * (1 - mask))
+        assert set(s) == {"i", "t", "x", "pred_x0"}
+    # an independent re-computation of §3.3 with the DDIM step
+    cond, uncond = model.encode_prompt(["a bowl of pears"] * 2), model.encode_prompt(["a bowl of fruits"] * 2)
+    ts = list(inversion.timesteps)
+    x = inversion.latents[:, 0]
+    for t_cur, t_next, background in zip(ts, [*ts[1:], -1], levels):
+        y = ddim_step(model.schedule, model.predict(x, t_cur, cond, uncond, 7.5), x, t_cur, t_next).x
+        x = y * mask + background * (1 - mask)
+    assert torch.equal(out.latents, x)
+
+
+def test_threshold_is_per_image(model, images) -> None:
+    result = generate_mask(model, images, "a bowl of fruits", "a bowl of pears", num_maps=2, generator=seeded(),
+                           **FAST)
+    d = result.difference
+    assert d.shape == result.latent_mask.shape == (2, 1, 8, 8)
+    paper = (d > 3.0 / 2 * d.mean(dim=(1, 2, 3), keepdim=True)).float()  # M = 1[D > rho/2 mean(D)], per image
+    assert (result.latent_mask != paper).sum() <= 1  # (a value exactly at the threshold may round either way)
+    assert set(result.latent_mask.unique().tolist()) <= {0.0, 1.0}
+    # scaling the other image's map changes nothing for this one; with diffusers' batch-wide mean it empties it
+    scaled = torch.cat([d[:1], 100 * d[1:]])
+    assert torch.equal(binarize(scaled)[0], binarize(d)[0]) and binarize(d)[0].sum() > 0
+    assert binarize(scaled, per_image=False)[0].sum() == 0
+
+
+def test_identical_prompts_give_an_empty_mask(model, images) -> None:
+    kwargs = dict(num_maps=2, generator=seeded(), **FAST)
+    same = generate_mask(model, images, "a red circle", "a red circle", **kwargs)
+    assert torch.equal(same.difference, torch.zeros_like(same.difference))
+    assert same.latent_mask.sum() == 0
+    compat = generate_mask(model, images, "a red circle", "a red circle", diffusers_compat=True, **kwargs)
+    assert compat.latent_mask.min() == 1  # diffusers: 0 / 0 -> all ones
+
+
+def test_pil_output_and_image_masks(model, inversion, images) -> None:
+    mask = generate_mask(model, images, "a bowl of fruits", "a bowl of pears", num_maps=2, generator=seeded(),
+                         **FAST)
+    assert [m.size for m in mask.image_mask] == [(16, 16)] * 2 and mask.image_mask[0].mode == "L"
+    assert np.array_equal(np.asarray(mask.image_mask[1]) > 0, mask.latent_mask[1, 0].repeat_interleave(2, 0)
+                          .repeat_interleave(2, 1).numpy() > 0)
+    out = edit(model, inversion, mask, "a bowl of pears", progress=False)
+    assert isinstance(out, EditResult) and len(out.images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (16, 16) and im.mode == "RGB" for im in out.images)
+    from_pil_masks = edit(model, inversion, mask.image_mask, "a bowl of pears", progress=False)  # image size
+    assert torch.equal(from_pil_masks.latents, out.latents)
+    np_out = edit(model, inversion, mask, "a bowl of pears", output_type="np", progress=False).images
+    as_uint8 = np.stack([np.asarray(i) for i in out.images]) / 255
+    assert np_out.shape == (2, 16, 16, 3) and np.allclose(np_out, as_uint8, atol=1 / 255)
+
+
+def test_masks_stay_paired_with_their_images(model, inversion) -> None:
+    masks = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])  # keep image 0, repaint image 1
+    out = edit(model, inversion, masks, ["a red circle", "a blue square"], num_images_per_prompt=2, eta=1.0,
+               generator=seeded(), output_type="latent", progress=False)
+    assert out.latents.shape == (4, 4, 8, 8)
+    for row in (0, 1):  # both samples of image 0 are image 0's latent
+        assert torch.equal(out.latents[row], inversion.z0[0])
+    for row in (2, 3):
+        assert not torch.allclose(out.latents[row], inversion.z0[1])
+    assert not torch.equal(out.latents[2], out.latents[3])  # eta > 0: two different samples
+    # diffusers tiles the masks (m0, m1, m0, m1): image 0's second sample is repainted
+    compat = edit(model, inversion, masks, ["a red circle", "a blue square"], num_images_per_prompt=2,
+                  output_type="latent", diffusers_compat=True, progress=False)
+    assert torch.equal(compat.latents[0], inversion.latents[0, -1])
+    assert not torch.allclose(compat.latents[1], inversion.latents[0, -1])
+
+
+def test_mask_and_inversion_share_one_encoding(model, images) -> None:
+    mask = generate_mask(model, images, "a bowl of fruits", "a bowl of pears", num_maps=2, generator=seeded(),
+                         **FAST)
+    assert torch.equal(mask.latents, model.encode_image(images))  # the posterior mean, once
+    a, b = invert(model, latents=mask.latents, **FAST), invert(model, images, **FAST)
+    assert torch.equal(a.z0, b.z0) and torch.equal(a.latents, b.latents)
+    assert a.latents.shape == (2, 4, 4, 8, 8) and a.timesteps == tuple(timesteps(model.schedule, STEPS, 0.8))
+
+
+def test_one_image_several_prompts(model, images) -> None:
+    mask = generate_mask(model, images[:1], "a bowl of fruits", ["a bowl of pears", "a red circle"], num_maps=2,
+                         generator=seeded(), **FAST)
+    assert mask.latent_mask.shape == (2, 1, 8, 8) and mask.latents.shape == (1, 4, 8, 8)
+    inv = invert(model, latents=mask.latents, **FAST)
+    out = edit(model, inv, mask, ["a bowl of pears", "a red circle"], output_type="pt", progress=False)
+    assert out.images.shape == (2, 3, 16, 16)
+
+
+def test_embeddings_instead_of_prompts(model, images, inversion) -> None:
+    kw = dict(output_type="latent", progress=False)
+    by_text = edit(model, inversion, torch.ones(1, 1, 8, 8), "a red circle", negative_prompt="a blue square", **kw)
+    by_embeddings = edit(model, inversion, torch.ones(1, 1, 8, 8), None, **kw,
+                         prompt_embeddings=model.encode_prompt("a red circle"),
+                         negative_embeddings=model.encode_prompt("a blue square"))
+    assert torch.equal(by_text.latents, by_embeddings.latents)
+    unconditional = invert(model, images, prompt_embeddings=model.encode_prompt(["", ""]), **FAST)
+    assert torch.equal(unconditional.latents, inversion.latents)
+
+
+def test_same_seed_same_bits(model, images) -> None:
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = generate_mask(model, images, "a bowl of fruits", "a bowl of pears", num_maps=2,
+                             generator=seeded(seed), **FAST)
+        inv = invert(model, latents=mask.latents, generator=seeded(seed), **FAST)
+        out = edit(model, inv, mask, "a bowl of pears", eta=0.5, generator=seeded(seed), output_type="pt",
+                   progress=False)
+        return mask.difference, out.images
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_regulariser_runs_for_v_models_at_batch_two(tokenizer_dir: Path, images) -> None:
+    v_model = make_tiny_model(tokenizer_dir, "v_prediction", seed=4)
+    kwargs = dict(guidance=2.0, num_reg_steps=1, lambda_auto_corr=1.0, lambda_kl=1.0, generator=seeded(), **FAST)
+    inv = invert(v_model, images, ["a red circle", "a blue square"], **kwargs)
+    plain = invert(v_model, images, ["a red circle", "a blue square"], **{**kwargs, "num_reg_steps": 0})
+    assert torch.isfinite(inv.latents).all() and not torch.equal(inv.latents, plain.latents)
+    with pytest.raises(ValueError, match="diffusers"):  # diffusers crashes here: nothing to reproduce
+        invert(v_model, images, ["a red circle", "a blue square"], diffusers_compat=True, **kwargs)
+
+
+def test_inversion_file_round_trip(inversion, tmp_path: Path) -> None:
+    path = tmp_path / "inv.safetensors"
+    inversion.save(path)
+    loaded = Inversion.load(path)
+    assert torch.equal(loaded.latents, inversion.latents) and torch.equal(loaded.z0, inversion.z0)
+    assert dataclasses.replace(loaded, z0=None, latents=None).__dict__ == dataclasses.replace(
+        inversion, z0=None, latents=None).__dict__
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="inversion file"):
+        Inversion.load(tmp_path / "bad.safetensors")
+
+
+def test_long_prompts_warn(model, inversion) -> None:
+    with pytest.warns(UserWarning, match="truncated"):
+        edit(model, inversion, torch.zeros(1, 1, 8, 8), "a photo of " * 40, output_type="latent", progress=False)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+def _bad_calls(model, images, inversion):
+    ok_mask = torch.zeros(2, 1, 8, 8)
+    m = lambda **kw: generate_mask(model, **{"image": images, "source_prompt": "a", "target_prompt": "b",  # noqa: E731
+                                             "num_maps": 1, **FAST, **kw})
+    i = lambda **kw: invert(model, **{"image": images, **FAST, **kw})  # noqa: E731
+    e = lambda **kw: edit(model, **{"inversion": inversion, "mask": ok_mask, "prompt": "a",  # noqa: E731
+                                    "progress": False, **kw})
+    replaced = lambda **kw: e(inversion=dataclasses.replace(inversion, **kw))  # noqa: E731
+    return {
+        "model type": (TypeError, lambda: generate_mask("model", images, "a", "b")),
+        "image type": (TypeError, lambda: m(image="picture.png")),
+        "image shape": (ValueError, lambda: m(image=torch.rand(2, 1, 16, 16))),
+        "image range": (ValueError, lambda: m(image=images * 2)),
+        "image and latents": (ValueError, lambda: i(latents=torch.zeros(2, 4, 8, 8))),
+        "no image": (ValueError, lambda: i(image=None)),
+        "latents shape": (ValueError, lambda: i(image=None, latents=torch.zeros(2, 3, 8, 8))),
+        "prompt type": (TypeError, lambda: m(source_prompt=3)),
+        "prompt and embeddings": (ValueError, lambda: e(prompt_embeddings=torch.zeros(1, 77, 32))),
+        "embeddings shape": (ValueError, lambda: e(prompt=None, prompt_embeddings=torch.zeros(1, 77, 5))),
+        "batch sizes": (ValueError, lambda: m(target_prompt=["a", "b", "c"])),
+        "negative batch": (ValueError, lambda: e(prompt=["a", "b"], negative_prompt=["a", "b", "c"])),
+        "steps": (ValueError, lambda: i(steps=0)),
+        "strength": (ValueError, lambda: i(strength=1.5)),
+        "no step": (ValueError, lambda: i(strength=0.1)),
+        "guidance": (ValueError, lambda: m(guidance=0.5)),
+        "num_maps": (ValueError, lambda: m(num_maps=0)),
+        "threshold": (ValueError, lambda: m(threshold_ratio=0)),
+        "encode_strength": (ValueError, lambda: m(encode_strength=-0.1)),
+        "regulariser": (ValueError, lambda: i(num_reg_steps=-1)),
+        "generator": (TypeError, lambda: i(generator=0)),
+        "callback": (TypeError, lambda: e(callback="print")),
+        "compat flag": (TypeError, lambda: e(diffusers_compat="yes")),
+        "eta": (ValueError, lambda: e(eta=-1.0)),
+        "images per prompt": (ValueError, lambda: e(num_images_per_prompt=0)),
+        "output type": (ValueError, lambda: e(output_type="jpg")),
+        "inversion type": (TypeError, lambda: e(inversion=inversion.latents)),
+        "steps and strength": (ValueError, lambda: replaced(steps=STEPS + 2)),
+        "latents vs timesteps": (ValueError, lambda: replaced(latents=inversion.latents[:, 1:])),
+        "prediction type": (ValueError, lambda: replaced(prediction_type="v_prediction")),
+        "mask values": (ValueError, lambda: e(mask=torch.full((2, 1, 8, 8), 0.5))),
+        "mask shape": (ValueError, lambda: e(mask=torch.zeros(2, 3, 8, 8))),
+        "mask type": (TypeError, lambda: e(mask="mask.png")),
+        "mask batch": (ValueError, lambda: e(mask=torch.zeros(3, 1, 8, 8))),
+    }
+
+
+BAD = list(_bad_calls(None, None, None))
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_rejected_clearly(model, images, inversion, case: str) -> None:
+    error, call = _bad_calls(model, images, inversion)[case]
+    with pytest.raises(error) as info:
+        call()
+    assert len(str(info.value)) > 10
+
+
+# ---- image.py ----------------------------------------------------------------------------------------------
+def test_images_from_any_format() -> None:
+    rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 128))
+    gray = Image.new("L", (16, 8), 128)
+    batch = to_tensor([rgba, gray])
+    assert batch.shape == (2, 3, 8, 16) and batch.dtype == torch.float32
+    assert torch.allclose(batch[0, :, 0, 0], torch.tensor([1.0, 0, 0]))
+    assert torch.allclose(batch[1], torch.tensor(128 / 255))
+    array = np.full((8, 16, 3), 255, np.uint8)
+    assert torch.equal(to_tensor(array), torch.ones(1, 3, 8, 16))
+    with pytest.warns(UserWarning, match="multiple of 8"):
+        assert to_tensor(Image.new("RGB", (20, 13))).shape == (1, 3, 8, 16)
+    with pytest.raises(ValueError, match="same size"):
+        to_tensor([rgba, Image.new("RGB", (8, 8))])
+    with pytest.raises(TypeError):
+        to_tensor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_user_masks_are_resized_to_latents() -> None:
+    big = Image.new("L", (64, 64), 0)
+    big.paste(255, (32, 0, 64, 64))  # right half
+    mask = to_mask(big, (8, 8))
+    assert mask.shape == (1, 1, 8, 8) and mask[0, 0, :, 4:].min() == 1 and mask[0, 0, :, :4].max() == 0
+    assert torch.equal(to_mask(np.ones((2, 16, 16), np.float32), (8, 8)), torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="0 or 1"):
+        to_mask(torch.full((16, 16), 0.3), (8, 8))
+    with pytest.raises(ValueError, match="255"):
+        to_mask(Image.new("L", (16, 16), 100), (8, 8))
+
+
+def test_figures() -> None:
+    image = Image.new("RGB", (16, 16), (0, 0, 255))
+    mask = mask_to_pil(torch.ones(1, 1, 8, 8), (16, 16))[0]
+    tinted = overlay(image, mask)
+    assert all(abs(a - b) <= 1 for a, b in zip(tinted.getpixel((0, 0)), (128, 0, 128)))
+    assert overlay(image, mask_to_pil(torch.zeros(1, 1, 8, 8))[0]).getpixel((3, 3)) == (0, 0, 255)
+    figure = side_by_side([image, tinted, image], gap=2)
+    assert figure.size == (3 * 16 + 2 * 2, 16)
