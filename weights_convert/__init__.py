@@ -1,0 +1,9 @@
+"""Stable Diffusion checkpoints (diffusers folders, original single files, hub repos) <-> diffedit model folders.
+
+    python -m weights_convert SRC OUT [--dtype fp16|fp32] [--force] [--tokenizer DIR|REPO_ID] [--to diffusers] ...
+
+convert.py orchestrates; diffusers.py and ldm.py hold the mapping tables; detect.py tells SD 1.x from 2.x;
+export.py writes our folders back in diffusers format. Nothing here imports diffusers.
+"""
+
+__version__ = "1.0"

@@ -133,19 +133,24 @@ def unet_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return _rename(state_dict, UNET_TABLE, reverse=True, what="our UNet")
 
 
-def vae_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """diffusers AutoencoderKL state dict -> our `diffedit.vae.AutoencoderKL` names.
-
-    Accepts the current mid-block attention names (to_q/to_k/to_v/to_out.0) and the deprecated ones
-    (query/key/value/proj_attn), with Linear (C, C) or 1x1-conv (C, C, 1, 1) weights.
-    """
+def vae_current_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The deprecated VAE mid-block attention names (query/key/value/proj_attn) -> the current ones; others kept."""
     current = {}
     for name, tensor in state_dict.items():
         m = _LEGACY_VAE.fullmatch(name)
         current[f"{m[1]}.{VAE_LEGACY_ATTENTION_NAMES[m[2]]}.{m[3]}" if m else name] = tensor
     if len(current) != len(state_dict):
         raise ValueError("diffusers VAE: the mid-block attention is given under both its old and its new names")
-    ours = _rename(current, VAE_TABLE, reverse=False, what="diffusers VAE")
+    return current
+
+
+def vae_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers AutoencoderKL state dict -> our `diffedit.vae.AutoencoderKL` names.
+
+    Accepts the current mid-block attention names (to_q/to_k/to_v/to_out.0) and the deprecated ones
+    (query/key/value/proj_attn), with Linear (C, C) or 1x1-conv (C, C, 1, 1) weights.
+    """
+    ours = _rename(vae_current_names(state_dict), VAE_TABLE, reverse=False, what="diffusers VAE")
     for name, tensor in ours.items():
         if _VAE_LINEAR_AS_CONV.fullmatch(name) and tensor.ndim == 4:
             if tensor.shape[2:] != (1, 1):
