@@ -3,7 +3,7 @@
     from diffedit import load, generate_mask, invert, edit
 """
 
-from .edit import EditResult, Inversion, MaskResult, edit, generate_mask, invert
+from .edit import EditResult, Inversion, MaskResult, edit, generate_mask, invert, noise_inversion
 from .model import StableDiffusion, load
 
-__all__ = ["load", "StableDiffusion", "generate_mask", "invert", "edit", "MaskResult", "Inversion", "EditResult"]
+__all__ = ["load", "StableDiffusion", "generate_mask", "invert", "edit", "noise_inversion", "MaskResult", "Inversion", "EditResult"]

@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: the same in terminals and notebooks, no widget dependency
 
 from .ddim import add_noise, ddim_inverse_step, ddim_step, eps_from_v, timesteps, to_x0_and_eps
 from .image import ImageInput, MaskInput, mask_to_pil, to_mask, to_numpy, to_pil, to_tensor
@@ -196,6 +196,25 @@ def invert(
             callback(dict(i=i, t=t_next, x=x, pred_x0=step.pred_x0))
     return Inversion(z0, torch.stack(trajectory[::-1], 1), tuple(ts), steps, float(strength),
                      model.config.schedule.prediction_type, float(guidance), diffusers_compat)
+
+
+@torch.no_grad()
+def noise_inversion(
+    model: StableDiffusion, latents: Tensor, *, strength: float = 0.8, steps: int = 50,
+    generator: torch.Generator | None = None,
+) -> Inversion:
+    """The ablation "without encoding" (§4.2, Fig. 6): z0 noised with ONE random draw at every level,
+    x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) n, in place of the DDIM encoding.
+
+    With an all-ones mask, `edit` from this is SDEdit (Meng et al. 2022); with DiffEdit's mask it is DiffEdit
+    without encoding (the background follows the noised input, as in blended / RePaint-style inpainting).
+    """
+    _check_common(model, steps, 1.0, generator, False)
+    ts = _timesteps(model, steps, strength, "strength")
+    z0 = _encode(model, None, latents)
+    noise = _randn(z0.shape, generator, z0)
+    levels = torch.stack([add_noise(model.schedule, z0, noise, t) for t in ts], 1)
+    return Inversion(z0, levels, tuple(ts), steps, float(strength), model.config.schedule.prediction_type, 1.0, False)
 
 
 @torch.no_grad()

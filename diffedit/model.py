@@ -29,11 +29,14 @@ AttentionHook = Callable[[Tensor, bool, str], Tensor | None]
 
 
 class StableDiffusion(nn.Module):
-    def __init__(self, config: ModelConfig, tokenizer: CLIPTokenizer | None = None) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: CLIPTokenizer | None = None, *, empty: bool = False) -> None:
+        """empty=True leaves the UNet and VAE parameters unallocated (meta device), for `load` to fill:
+        initialising 860M random numbers only to overwrite them costs more than reading the file."""
         super().__init__()
         self.config = config
-        self.unet = UNet(config.unet)
-        self.vae = AutoencoderKL(config.vae)
+        with torch.device("meta" if empty else "cpu"):
+            self.unet = UNet(config.unet)
+            self.vae = AutoencoderKL(config.vae)
         self.text_encoder = build_text_model(config.text)
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule.from_config(config.schedule)
@@ -160,11 +163,14 @@ def load(
         raise FileNotFoundError(f"model folder {folder} does not exist")
     config, provenance = read_config(folder)
     tokenizer = load_tokenizer(folder / TOKENIZER_DIR, config.text)
-    model = StableDiffusion(config, tokenizer)
+    model = StableDiffusion(config, tokenizer, empty=True)
     for name, module in (("unet", model.unet), ("vae", model.vae)):
         tensors = read_component(folder, name)
         check_state_dict(tensors, {k: v.shape for k, v in module.state_dict().items()}, name)
-        module.load_state_dict(tensors, strict=True)
+        # assign: the tensors become the parameters (the modules were built without storage). Cloned into
+        # fresh allocations first: views into the file's buffer can be unaligned, and CPU conv kernels then
+        # take another path whose results differ in the last bits from the same weights saved in memory.
+        module.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True, assign=True)
     load_text_state_dict(model.text_encoder, read_component(folder, "text_encoder"))
     model.provenance = provenance
     return model.to(device=device, dtype=dtype).eval()

@@ -297,3 +297,20 @@ def test_figures() -> None:
     assert overlay(image, mask_to_pil(torch.zeros(1, 1, 8, 8))[0]).getpixel((3, 3)) == (0, 0, 255)
     figure = side_by_side([image, tinted, image], gap=2)
     assert figure.size == (3 * 16 + 2 * 2, 16)
+
+
+def test_noise_inversion_noises_z0_with_one_draw(tiny_model) -> None:
+    """The "without encoding" ablation: every level is z0 noised with the same random draw (DDPM eq. 4)."""
+    from diffedit import noise_inversion
+    from diffedit.ddim import add_noise
+
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inv = noise_inversion(tiny_model, z0, strength=0.5, steps=10, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
+    assert inv.timesteps == (401, 301, 201, 101, 1)  # the last half of 10 leading steps
+    for i, t in enumerate(inv.timesteps):
+        torch.testing.assert_close(inv.latents[:, i], add_noise(tiny_model.schedule, z0, noise, t), rtol=0, atol=0)
+    assert torch.equal(inv.z0, z0)
+    # edit accepts it like any inversion; with an empty mask the result is z0 exactly
+    out = edit(tiny_model, inv, torch.zeros(2, 1, 8, 8), "a red circle", output_type="latent", progress=False)
+    assert torch.equal(out.latents, z0)
