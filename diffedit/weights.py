@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,31 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into, renamed to `out` when the block succeeds and removed when it
+    fails, so an error or an interruption never leaves a half-written `out`. An existing `out` is replaced
+    only with `force` (moved aside first, so the swap is as short as possible)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_model_folder(
     out: str | os.PathLike[str],
     config: ModelConfig,
@@ -91,11 +118,9 @@ def write_model_folder(
     out = Path(out)
     if sorted(tensors) != sorted(COMPONENTS):
         raise ValueError(f"expected tensors for {COMPONENTS}, got {sorted(tensors)}")
-    if out.exists() and not force:
+    if out.exists() and not force:  # checked before any work, and again at the swap
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out, force) as tmp:
         for name, state in tensors.items():
             state = {
                 k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
@@ -105,15 +130,4 @@ def write_model_folder(
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         meta = {"format": FORMAT, "config": config.to_dict(), "provenance": provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # force: move the old folder aside first so the swap is as short as possible
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from diffedit.configs import ModelConfig
-from diffedit.weights import COMPONENTS, TOKENIZER_DIR, check_state_dict, read_component, read_config
+from diffedit.weights import COMPONENTS, TOKENIZER_DIR, atomic_folder, check_state_dict, read_component, read_config
 
 from .convert import CONVERTER, DTYPES, TEXT_FIXED, UNET_FIXED, VAE_FIXED, ConversionError, our_shapes, _say
 from .diffusers import unet_to_diffusers, vae_to_diffusers
@@ -147,26 +144,3 @@ def diffusers_configs(config: ModelConfig, dtype_name: str = "float32") -> dict[
         "text_encoder/config.json": text,
         "scheduler/scheduler_config.json": scheduler,
     }
-
-
-@contextmanager
-def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of `out` to write into, renamed to `out` when the block succeeds and removed when it
-    fails (as diffedit.weights.write_model_folder does for our folders)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            if not force:
-                raise ConversionError(f"{out} exists; pass --force to replace it")
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
