@@ -1,7 +1,7 @@
 PYTHON ?= python
 OUT ?= out
 
-.PHONY: install test test-fast demo toy-model notebooks bench clean
+.PHONY: install test test-fast demo toy-model eval notebooks bench clean
 
 install:  ## CPU torch pinned; add the test and notebook extras
 	$(PYTHON) -m pip install "torch==2.13.0" -e ".[test,notebooks]"
@@ -17,3 +17,15 @@ demo:  ## the main job on the embedded default model
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
+
+toy-model:  ## retrain the shipped toy model in place (CPU, about 80 minutes)
+	$(PYTHON) -m diffedit.toy.train --out diffedit/toy/weights --work $(OUT)/toy-train --seed 0
+
+eval:  ## DiffEdit quality on the held-out shapes-world edits (benchmark, not a test)
+	$(PYTHON) -m diffedit eval --out $(OUT)/eval.json
+
+notebooks:  ## execute every notebook headless and save it with its outputs
+	$(PYTHON) notebooks/build.py
+
+bench:  ## speed and memory vs diffusers' DiffEdit pipeline on identical weights
+	$(PYTHON) -m bench.run --out $(OUT)/bench.json

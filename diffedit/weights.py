@@ -84,6 +84,7 @@ def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        _usual_permissions(tmp)
         if out.exists():
             if not force:
                 raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
@@ -97,6 +98,15 @@ def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _usual_permissions(folder: Path) -> None:
+    # mkdtemp makes a private (0700) folder and safetensors writes 0600 files: give the result the
+    # permissions a plain mkdir / open would have had under the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_model_folder(

@@ -95,9 +95,25 @@ def test_usage_errors_and_help(capsys) -> None:
     assert "edit" in capsys.readouterr().out
 
 
-def test_demo_runs(tmp_path: Path, capsys) -> None:
+def test_demo_without_the_toy_weights_is_a_smoke_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    import diffedit.toy
+
+    monkeypatch.setattr(diffedit.toy, "WEIGHTS", tmp_path / "no-weights")  # as in a checkout without them
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     assert "RANDOM weights" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["edit.png", "figure.png", "input.png", "mask.png"]
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
     one_line_error(capsys, "exists")
+
+
+def test_demo_edits_with_the_toy_model(tmp_path: Path, capsys) -> None:
+    from diffedit.toy import WEIGHTS
+
+    if not (WEIGHTS / "model.json").is_file():
+        pytest.skip(f"the toy model's weights are not in {WEIGHTS}")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM" not in out and "the square is now red" in out, out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["edit.png", "figure.png", "input.png", "mask.png"]
+    assert Image.open(tmp_path / "demo" / "edit.png").size == (64, 64)
+    assert Image.open(tmp_path / "demo" / "figure.png").size == (3 * 256 + 2 * 4, 256)  # three panels, 4x enlarged

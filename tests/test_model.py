@@ -165,3 +165,16 @@ def test_ddim_inversion_then_sampling_returns_to_the_start(tokenizer_dir: Path) 
         errors.append(((x - z0).norm() / z0.norm()).item())
     noised = ((add_noise(model.schedule, z0, torch.randn_like(z0), ts[0]) - z0).norm() / z0.norm()).item()
     assert errors[1] < errors[0] and errors[1] < 0.05 * noised, (errors, noised)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        folder = make_tiny_model(tokenizer_dir).save(tmp_path / "m")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # not mkdtemp's private 0700
+    assert stat.S_IMODE((folder / "unet.safetensors").stat().st_mode) == 0o644
