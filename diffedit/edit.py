@@ -114,9 +114,9 @@ def generate_mask(
     _check_number(threshold_ratio, "threshold_ratio", low=0.0, open_low=True)
     t = _timesteps(model, steps, encode_strength, "encode_strength")[0]  # 0.5 of 50 steps -> t = 481
     src, src_neg = _prompt_pair(model, source_prompt, source_embeddings, source_negative_prompt,
-                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat)
+                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat, guidance)
     tgt, tgt_neg = _prompt_pair(model, target_prompt, target_embeddings, target_negative_prompt,
-                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat)
+                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat, guidance)
     if diffusers_compat:
         z0 = latents
         diff = _diffusers_mask_map(model, image, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator)
@@ -125,12 +125,17 @@ def generate_mask(
         rows = _batch(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
         z = _rows(z0, rows)
         cond = torch.cat([_rows(src, rows), _rows(tgt, rows)])  # R and Q side by side: one batched UNet call
-        uncond = torch.cat([_rows(src_neg, rows), _rows(tgt_neg, rows)])
+        # With one negative for both prompts (the default "") or no guidance, the unconditional estimate cancels:
+        # eps_Q~ - eps_R~ = g (eps_Q - eps_R). Only the two conditional rows are evaluated then, half the work.
+        shared = src_neg is None or torch.equal(_rows(src_neg, rows), _rows(tgt_neg, rows))
+        uncond = None if shared else torch.cat([_rows(src_neg, rows), _rows(tgt_neg, rows)])
+        scale = guidance if shared else 1.0
         diff = torch.zeros(rows, 1, *z.shape[-2:], device=z.device)
         for _ in tqdm(range(num_maps), desc="mask", disable=not progress):
             x = add_noise(model.schedule, z, _randn(z.shape, generator, z), t)  # DDPM eq. 4, fresh noise per map
             eps_src, eps_tgt = model.predict_noise(torch.cat([x, x]), t, cond, uncond, guidance).chunk(2)
-            diff += (eps_tgt - eps_src).abs().float().mean(1, keepdim=True) / num_maps  # mean over maps, channels
+            # mean over maps and channels
+            diff += scale * (eps_tgt - eps_src).abs().float().mean(1, keepdim=True) / num_maps
     mask = binarize(diff, threshold_ratio, per_image=not diffusers_compat)
     image_size = tuple(s * model.config.vae.downsample_factor for s in mask.shape[-2:])
     return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio)
@@ -176,7 +181,7 @@ def invert(
     ts = _timesteps(model, steps, strength, "strength")  # 781, 761, ..., 1
     prompt = "" if prompt is None and prompt_embeddings is None else prompt
     cond, uncond = _prompt_pair(model, prompt, prompt_embeddings, negative_prompt, negative_embeddings, "prompt",
-                                clip_skip, diffusers_compat)
+                                clip_skip, diffusers_compat, guidance)
     z0 = _encode(model, image, latents, generator, sample=diffusers_compat)  # compat: a posterior sample
     rows = _batch(images=len(z0), prompt=len(cond))
     z0, cond, uncond = _rows(z0, rows), _rows(cond, rows), _rows(uncond, rows) if guidance > 1 else None
@@ -246,7 +251,7 @@ def edit(
     if tuple(mask.shape[-2:]) != size:
         raise ValueError(f"the mask is {tuple(mask.shape[-2:])} latents, the inversion {size}")
     cond, uncond = _prompt_pair(model, prompt, prompt_embeddings, negative_prompt, negative_embeddings, "prompt",
-                                clip_skip, diffusers_compat)
+                                clip_skip, diffusers_compat, guidance)
     rows = _batch(inversion=len(inversion.z0), mask=len(mask), prompt=len(cond))
     k, dev = num_images_per_prompt, model.device
     per_image = lambda v: _rows(v.to(dev), rows).repeat_interleave(k, 0)  # noqa: E731  (row r -> r*k .. r*k+k-1)
@@ -352,10 +357,15 @@ def _encode(model, image, latents, generator=None, sample=False, repeat=1) -> Te
     return model.encode_image(images.repeat_interleave(repeat, 0), generator, sample)
 
 
-def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat):
-    """(cond, uncond) embeddings, as many of each; the negative defaults to "" for every prompt."""
+def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat, guidance):
+    """(cond, uncond) embeddings, as many of each; the negative defaults to "" for every prompt.
+
+    Without guidance (<= 1) a default negative is never used, so it is not encoded: uncond is None.
+    """
     cond = _embed(model, prompt, embeddings, what, clip_skip)
     if negative is None and negative_embeddings is None:
+        if guidance <= 1:
+            return cond, None
         negative = [""] * len(cond)
     # diffusers applies clip_skip to the prompt only, never to its negative
     uncond = _embed(model, negative, negative_embeddings, f"negative of {what}", 0 if compat else clip_skip)

@@ -314,3 +314,23 @@ def test_noise_inversion_noises_z0_with_one_draw(tiny_model) -> None:
     # edit accepts it like any inversion; with an empty mask the result is z0 exactly
     out = edit(tiny_model, inv, torch.zeros(2, 1, 8, 8), "a red circle", output_type="latent", progress=False)
     assert torch.equal(out.latents, z0)
+
+
+def test_mask_with_a_shared_negative_skips_the_unconditional_rows(tiny_model) -> None:
+    """eps~_Q - eps~_R = g (eps_Q - eps_R) when both guided estimates share one unconditional estimate: the
+    mask evaluates only the conditional rows. Checked against the full guided computation, written out."""
+    from diffedit.ddim import add_noise
+
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = generate_mask(tiny_model, None, "a bowl of fruits", "a bowl of pears", latents=z0, num_maps=3, steps=10,
+                           guidance=5.0, generator=torch.Generator().manual_seed(1), progress=False)
+    g = torch.Generator().manual_seed(1)
+    src, tgt, empty = (tiny_model.encode_prompt(p) for p in ("a bowl of fruits", "a bowl of pears", ""))
+    reference = torch.zeros(1, 1, 8, 8)
+    for _ in range(3):
+        x = add_noise(tiny_model.schedule, z0, torch.randn(z0.shape, generator=g), result.timestep)
+        eps_q = tiny_model.predict_noise(x, result.timestep, tgt, empty, 5.0)
+        eps_r = tiny_model.predict_noise(x, result.timestep, src, empty, 5.0)
+        reference += (eps_q - eps_r).abs().mean(1, keepdim=True) / 3
+    err = ((result.difference - reference).abs().max() / reference.abs().max()).item()
+    assert err <= 1e-5, err
