@@ -28,4 +28,4 @@ notebooks:  ## execute every notebook headless and save it with its outputs
 	$(PYTHON) notebooks/build.py
 
 bench:  ## speed and memory vs diffusers' DiffEdit pipeline on identical weights
-	$(PYTHON) -m bench.run --out $(OUT)/bench.json
+	$(PYTHON) -m bench.run --out bench/results.json

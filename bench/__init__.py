@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): our DiffEdit against diffusers' StableDiffusionDiffEditPipeline. See bench/README.md."""

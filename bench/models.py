@@ -1,0 +1,202 @@
+"""The models the benchmark runs, and diffusers' StableDiffusionDiffEditPipeline holding the very same tensors.
+
+- "tiny": diffedit.configs.TINY with seeded random weights (64x64 images).
+- "sd15": the full SD 1.5 architecture (860M UNet, 84M VAE, 123M CLIP text encoder) with seeded random weights,
+  built on the meta device and filled once; run at 256x256 (32x32 latents).
+- "toy": the trained toy model (diffedit.toy.load_toy_model), when it has been built.
+
+diffusers' modules are built on the meta device and adopt our tensors (`load_state_dict(assign=True)` through
+weights_convert.diffusers' name tables), and both sides use the same CLIPTextModel object: one copy of the
+weights in memory, and identical weights by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffedit.configs import SD15, TINY, ModelConfig, UNetConfig, VAEConfig
+from diffedit.ddim import NoiseSchedule
+from diffedit.model import StableDiffusion
+from diffedit.text import build_text_model, load_tokenizer, write_tokenizer
+
+WORDS = ["a", "and", "photo", "of", "bowl", "fruits", "pears", "red", "blue", "circle", "square"]
+MODELS = ("tiny", "sd15", "toy")
+
+
+@dataclass
+class Subject:
+    """A model and the input it is benchmarked on."""
+
+    name: str
+    model: StableDiffusion
+    image: Tensor  # (1, 3, H, W) in [0, 1]
+    source: str
+    target: str
+    note: str = ""
+
+
+def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, size: int | None = None) -> Subject:
+    """The named model on `device` / `dtype`, with a fixed input image; size overrides the image side."""
+    if name == "tiny":
+        model = _random_model(TINY, seed, meta=False)
+        size = size or TINY.image_size
+        source, target, note = "a bowl of fruits", "a bowl of pears", "random weights"
+    elif name == "sd15":
+        model = _random_model(SD15, seed, meta=True)
+        size = size or 256
+        source, target, note = "a bowl of fruits", "a bowl of pears", "SD 1.5 architecture, random weights"
+    elif name == "toy":
+        from diffedit.toy import load_toy_model  # raises FileNotFoundError until `make toy-model` has run
+
+        model = load_toy_model()
+        size = size or model.config.image_size
+        source, target, note = _toy_prompts()
+    else:
+        raise ValueError(f"unknown model {name!r}: choose from {MODELS}")
+    model = model.to(device=device, dtype=dtype).eval()
+    if torch.device(device).type == "cuda":  # NHWC convolutions are the fast layout for cuDNN (fp16 tensor cores)
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    image = _image(name, size, seed)
+    return Subject(name, model, image, source, target, note)
+
+
+def _toy_prompts() -> tuple[str, str, str]:
+    try:  # a held-out edit pair of the shapes world: its captions before and after
+        from diffedit.toy import world
+
+        pair = world.heldout_edit_pairs(1)[0]
+        return pair.source.caption, pair.target.caption, f"trained toy model, held-out {pair.kind} edit"
+    except Exception:  # the world's API is not what is measured here
+        return "a red circle", "a blue square", "trained toy model"
+
+
+def _image(name: str, size: int, seed: int) -> Tensor:
+    if name == "toy":
+        try:
+            from diffedit.toy import world
+
+            picture, _ = world.render(world.heldout_edit_pairs(1)[0].source, size)
+            return world.to_tensor(picture[None]).float()
+        except Exception:  # fall back to a smooth random picture
+            pass
+    g = torch.Generator().manual_seed(seed + 1)
+    coarse = torch.rand(1, 3, max(size // 16, 1), max(size // 16, 1), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# ---- random models ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Seeded noise in every parameter (the recipe of tests/_reference.py): norm scales ~ 1 + 0.2 N, biases
+    0.1 N, weights N(0, 1 / fan_in) so activations keep their scale through the deep stacks."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
+    for p in module.parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if id(p) in norms:
+            p.copy_(1.0 + 0.2 * noise)
+        elif p.ndim == 1:
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(noise / (p[0].numel() ** 0.5))
+    return module
+
+
+def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion:
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        write_tokenizer(tmp, WORDS)
+        tokenizer = load_tokenizer(tmp, config.text)
+    if not meta:
+        model = StableDiffusion(config, tokenizer)
+    else:
+        # Skip PyTorch's default initialisation of ~1B parameters: build on meta, then allocate and fill once.
+        with torch.device("meta"):
+            model = StableDiffusion(config, tokenizer)
+        model.unet.to_empty(device="cpu")
+        model.vae.to_empty(device="cpu")
+        model.text_encoder = build_text_model(config.text)  # it has constant buffers (position ids): build it for real
+        model.schedule = NoiseSchedule.from_config(config.schedule)  # the schedule was created on meta too
+    randomize_(model.unet, seed)
+    randomize_(model.vae, seed + 1)
+    randomize_(model.text_encoder, seed + 2)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left += [f.name for f in dataclasses.fields(model.schedule) if isinstance(getattr(model.schedule, f.name), Tensor)
+             and getattr(model.schedule, f.name).is_meta]
+    assert not left, f"tensors left on the meta device: {left[:5]}"
+    return model.eval()
+
+
+# ---- diffusers on the same tensors --------------------------------------------------------------------------
+def diffusers_unet_kwargs(c: UNetConfig) -> dict[str, Any]:
+    """UNet2DConditionModel arguments for our config (as tests/_reference.py)."""
+    return dict(
+        in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=c.channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention)),
+        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=c.layers_per_block,
+        transformer_layers_per_block=c.transformer_depth,
+        attention_head_dim=c.heads,  # diffusers' naming quirk: for SD this is the number of heads
+        cross_attention_dim=c.cross_attention_dim, use_linear_projection=c.linear_projection,
+        upcast_attention=c.upcast_attention, norm_num_groups=c.norm_groups, norm_eps=c.norm_eps,
+        flip_sin_to_cos=True, freq_shift=0, act_fn="silu", downsample_padding=1,
+    )
+
+
+def diffusers_vae_kwargs(c: VAEConfig) -> dict[str, Any]:
+    levels = len(c.channels)
+    return dict(
+        in_channels=c.in_channels, out_channels=c.in_channels, latent_channels=c.latent_channels,
+        block_out_channels=c.channels, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_groups, act_fn="silu", scaling_factor=c.scaling_factor,
+    )
+
+
+def diffusers_pipeline(model: StableDiffusion, sample_size: int = 64):
+    """StableDiffusionDiffEditPipeline whose UNet and VAE *are* our tensors (renamed, not copied), with SD's
+    DDIM settings spelled out (as tests/test_edit_compat.py)."""
+    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+    from diffusers import UNet2DConditionModel
+
+    from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_unet_kwargs(model.config.unet), sample_size=sample_size)
+        vae = AutoencoderKL(**diffusers_vae_kwargs(model.config.vae))
+    unet.load_state_dict(unet_to_diffusers(model.unet.state_dict()), strict=True, assign=True)
+    vae.load_state_dict(vae_to_diffusers(model.vae.state_dict()), strict=True, assign=True)
+    for m in (unet, vae):
+        left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+        assert not left, f"diffusers tensors left on meta: {left[:5]}"
+    if model.device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+        prediction_type=model.config.schedule.prediction_type,
+    )
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.model_max_length = model.config.text.max_length  # diffusers pads to the tokenizer's length
+    pipe = StableDiffusionDiffEditPipeline(
+        vae=vae.eval(), text_encoder=model.text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None,
+        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def shares_weights(model: StableDiffusion, pipe: Any) -> bool:
+    """True when every UNet / VAE tensor of the pipeline is one of our model's tensors (same storage)."""
+    ours = {t.data_ptr() for t in [*model.unet.parameters(), *model.vae.parameters()]}
+    theirs = [t.data_ptr() for t in [*pipe.unet.parameters(), *pipe.vae.parameters()]]
+    return all(p in ours for p in theirs) and pipe.text_encoder is model.text_encoder
