@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import EditResult, Inversion, MaskResult, edit, generate_mask, invert
+from diffedit import EditResult, Inversion, edit, generate_mask, invert
 from diffedit.ddim import ddim_step, timesteps
 from diffedit.edit import binarize
 from diffedit.image import mask_to_pil, overlay, side_by_side, to_mask, to_tensor
