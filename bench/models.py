@@ -12,19 +12,20 @@ weights in memory, and identical weights by construction.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffedit.configs import SD15, TINY, ModelConfig, UNetConfig, VAEConfig
+from diffedit.configs import SD15, TINY, ModelConfig
 from diffedit.ddim import NoiseSchedule
 from diffedit.model import StableDiffusion
 from diffedit.text import build_text_model, load_tokenizer, write_tokenizer
+from tests._reference import diffusers_pipeline as _reference_pipeline
+from tests._reference import randomize_
 
 WORDS = ["a", "and", "photo", "of", "bowl", "fruits", "pears", "red", "blue", "circle", "square"]
 MODELS = ("tiny", "sd15", "toy")
@@ -93,23 +94,6 @@ def _image(name: str, size: int, seed: int) -> Tensor:
 
 
 # ---- random models ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded noise in every parameter (the recipe of tests/_reference.py): norm scales ~ 1 + 0.2 N, biases
-    0.1 N, weights N(0, 1 / fan_in) so activations keep their scale through the deep stacks."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(m.weight) for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-    for p in module.parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if id(p) in norms:
-            p.copy_(1.0 + 0.2 * noise)
-        elif p.ndim == 1:
-            p.copy_(0.1 * noise)
-        else:
-            p.copy_(noise / (p[0].numel() ** 0.5))
-    return module
-
-
 def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion:
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
         write_tokenizer(tmp, WORDS)
@@ -135,63 +119,12 @@ def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion
 
 
 # ---- diffusers on the same tensors --------------------------------------------------------------------------
-def diffusers_unet_kwargs(c: UNetConfig) -> dict[str, Any]:
-    """UNet2DConditionModel arguments for our config (as tests/_reference.py)."""
-    return dict(
-        in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=c.channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention)),
-        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=c.layers_per_block,
-        transformer_layers_per_block=c.transformer_depth,
-        attention_head_dim=c.heads,  # diffusers' naming quirk: for SD this is the number of heads
-        cross_attention_dim=c.cross_attention_dim, use_linear_projection=c.linear_projection,
-        upcast_attention=c.upcast_attention, norm_num_groups=c.norm_groups, norm_eps=c.norm_eps,
-        flip_sin_to_cos=True, freq_shift=0, act_fn="silu", downsample_padding=1,
-    )
-
-
-def diffusers_vae_kwargs(c: VAEConfig) -> dict[str, Any]:
-    levels = len(c.channels)
-    return dict(
-        in_channels=c.in_channels, out_channels=c.in_channels, latent_channels=c.latent_channels,
-        block_out_channels=c.channels, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=c.layers_per_block,
-        norm_num_groups=c.norm_groups, act_fn="silu", scaling_factor=c.scaling_factor,
-    )
-
-
 def diffusers_pipeline(model: StableDiffusion, sample_size: int = 64):
-    """StableDiffusionDiffEditPipeline whose UNet and VAE *are* our tensors (renamed, not copied), with SD's
-    DDIM settings spelled out (as tests/test_edit_compat.py)."""
-    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-    from diffusers import UNet2DConditionModel
-
-    from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_kwargs(model.config.unet), sample_size=sample_size)
-        vae = AutoencoderKL(**diffusers_vae_kwargs(model.config.vae))
-    unet.load_state_dict(unet_to_diffusers(model.unet.state_dict()), strict=True, assign=True)
-    vae.load_state_dict(vae_to_diffusers(model.vae.state_dict()), strict=True, assign=True)
-    for m in (unet, vae):
-        left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
-        assert not left, f"diffusers tensors left on meta: {left[:5]}"
+    """The compat tests' pipeline (tests/_reference.py: our tensors, renamed), channels_last on CUDA."""
+    pipe = _reference_pipeline(model, sample_size)
     if model.device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-        prediction_type=model.config.schedule.prediction_type,
-    )
-    tokenizer = copy.deepcopy(model.tokenizer)
-    tokenizer.model_max_length = model.config.text.max_length  # diffusers pads to the tokenizer's length
-    pipe = StableDiffusionDiffEditPipeline(
-        vae=vae.eval(), text_encoder=model.text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None,
-        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     return pipe
 
 

@@ -6,6 +6,8 @@ Weights reach our models only through `weights_convert.diffusers`, so every pari
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 from typing import Any
@@ -128,3 +130,36 @@ def layout(name: str) -> dict[str, Any]:
 def relative_error(ours: Tensor, reference: Tensor) -> float:
     """max |ours - reference| / max |reference|: the tolerance measure used by every parity test."""
     return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def diffusers_pipeline(model: Any, sample_size: int = 64) -> Any:
+    """diffusers' StableDiffusionDiffEditPipeline whose UNet and VAE *are* our model's tensors (renamed through
+    weights_convert.diffusers, not copied), with the same text encoder object and SD's DDIM settings spelled out.
+    Used by the compat tests and by bench/."""
+    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+    from diffusers import UNet2DConditionModel
+
+    from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_unet_kwargs(model.config.unet), sample_size=sample_size)
+        vae = AutoencoderKL(**diffusers_vae_kwargs(model.config.vae))
+    unet.load_state_dict(unet_to_diffusers(model.unet.state_dict()), strict=True, assign=True)
+    vae.load_state_dict(vae_to_diffusers(model.vae.state_dict()), strict=True, assign=True)
+    for m in (unet, vae):
+        left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+        assert not left, f"diffusers tensors left on meta: {left[:5]}"
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+        prediction_type=model.config.schedule.prediction_type,
+    )
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.model_max_length = model.config.text.max_length  # diffusers pads to the tokenizer's length
+    pipe = StableDiffusionDiffEditPipeline(
+        vae=vae.eval(), text_encoder=model.text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None,
+        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -11,7 +11,6 @@ images agree to 1e-5 relative (max |ours - diffusers| / max |diffusers|, float32
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,38 +19,11 @@ import torch
 
 from diffedit import edit, generate_mask, invert
 
-from ._reference import diffusers_unet_kwargs, diffusers_vae_kwargs, relative_error
+from ._reference import diffusers_pipeline, relative_error
 from .conftest import make_tiny_model
 
 RTOL = 1e-5
 STEPS = 6  # mask at t = 501 (strength 0.5), inversion / edit over 4 of the 6 steps (strength 0.8)
-
-
-def diffusers_pipeline(model):
-    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-    from diffusers import UNet2DConditionModel
-
-    from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
-
-    # sample_size: unused by the network, but the pipeline's constructor compares it with 64
-    unet = UNet2DConditionModel(**diffusers_unet_kwargs(model.config.unet), sample_size=64)
-    unet.load_state_dict(unet_to_diffusers(model.unet.state_dict()), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_kwargs(model.config.vae))
-    vae.load_state_dict(vae_to_diffusers(model.vae.state_dict()), strict=True)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-        prediction_type=model.config.schedule.prediction_type,
-    )
-    tokenizer = copy.deepcopy(model.tokenizer)
-    tokenizer.model_max_length = model.config.text.max_length  # diffusers pads to the tokenizer's length
-    pipe = StableDiffusionDiffEditPipeline(
-        vae=vae.eval(), text_encoder=model.text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None,
-        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
