@@ -354,7 +354,7 @@ def _encode(model, image, latents, generator=None, sample=False, repeat=1) -> Te
             raise ValueError(f"latents must be a float (B, {c}, h, w) tensor, got {getattr(latents, 'shape', latents)}")
         return latents.to(model.device, model.dtype).repeat_interleave(repeat, 0)
     images = to_tensor(image, model.config.vae.downsample_factor)
-    return model.encode_image(images.repeat_interleave(repeat, 0), generator, sample)
+    return model.encode_image(images, generator, sample, repeat)  # one encoder pass, even for diffusers' n copies
 
 
 def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat, guidance):

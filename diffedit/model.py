@@ -22,7 +22,7 @@ from .ddim import NoiseSchedule, eps_from_v
 from .text import Prompts, as_prompt_list, build_text_model, encode_text, load_text_state_dict, load_tokenizer
 from .text import text_state_dict, tokenize
 from .unet import UNet
-from .vae import AutoencoderKL
+from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import TOKENIZER_DIR, check_state_dict, read_component, read_config, write_model_folder
 
 AttentionHook = Callable[[Tensor, bool, str], Tensor | None]
@@ -71,11 +71,14 @@ class StableDiffusion(nn.Module):
 
     # ---- images <-> latents -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> scaled latents z0 (B, 4, H/8, W/8).
+    def encode_image(
+        self, images: Tensor, generator: torch.Generator | None = None, sample: bool = False, repeat: int = 1
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents z0 (B * repeat, 4, H/8, W/8).
 
         By default the posterior mean (deterministic); `sample=True` draws from the posterior with
-        `generator`, as diffusers' pipelines do.
+        `generator`, as diffusers' pipelines do. `repeat` gives each image `repeat` consecutive rows: the
+        encoder runs once and the posterior is repeated, so the draws are those of encoding the repeated batch.
         """
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
@@ -83,6 +86,8 @@ class StableDiffusion(nn.Module):
         if images.shape[-1] % factor or images.shape[-2] % factor:
             raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[-2:])}")
         posterior = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1)
+        if repeat > 1:
+            posterior = DiagonalGaussian(*(m.repeat_interleave(repeat, 0) for m in (posterior.mean, posterior.logvar)))
         latents = posterior.sample(generator) if sample else posterior.mode()
         return latents * self.config.vae.scaling_factor
 
