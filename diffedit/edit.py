@@ -127,8 +127,9 @@ def generate_mask(
         cond = torch.cat([_rows(src, rows), _rows(tgt, rows)])  # R and Q side by side: one batched UNet call
         # With one negative for both prompts (the default "") or no guidance, the unconditional estimate cancels:
         # eps_Q~ - eps_R~ = g (eps_Q - eps_R). Only the two conditional rows are evaluated then, half the work.
-        shared = src_neg is None or torch.equal(_rows(src_neg, rows), _rows(tgt_neg, rows))
-        uncond = None if shared else torch.cat([_rows(src_neg, rows), _rows(tgt_neg, rows)])
+        negatives = None if src_neg is None else (_rows(src_neg, rows), _rows(tgt_neg, rows))
+        shared = negatives is None or torch.equal(*negatives)
+        uncond = None if shared else torch.cat(negatives)
         scale = guidance if shared else 1.0
         diff = torch.zeros(rows, 1, *z.shape[-2:], device=z.device)
         for _ in tqdm(range(num_maps), desc="mask", disable=not progress):
