@@ -132,9 +132,9 @@ def run_ours(sub: Subject, s: Settings, rec: Recorder, compat: bool = True, coun
         mask = generate_mask(m, sub.image, sub.source, sub.target, num_maps=s.num_maps, encode_strength=s.mask_strength,
                              guidance=s.guidance, generator=_gen(2), **common)
     with rec.stage("invert", count_flops):
-        if compat:  # diffusers encodes the image again, with its own posterior sample
-            inv = invert(m, sub.image, sub.source, strength=s.strength, guidance=s.inversion_guidance,
-                         generator=_gen(3), **common)
+        if compat:  # diffusers encodes the image again for its own posterior sample; we sample the mask's posterior
+            inv = invert(m, None, sub.source, posterior=mask.posterior, strength=s.strength,
+                         guidance=s.inversion_guidance, generator=_gen(3), **common)
         else:  # the paper's recipe: unconditional encoding of the z0 the mask already computed
             inv = invert(m, latents=mask.latents, prompt="", strength=s.strength, guidance=s.inversion_guidance,
                          generator=_gen(3), **common)

@@ -159,9 +159,11 @@ def _edit(args: argparse.Namespace):
                          encode_strength=args.mask_strength, threshold_ratio=args.threshold, steps=steps,
                          guidance=args.guidance, generator=gen(), diffusers_compat=compat, progress=progress, **given)
     if inversion is None:
+        # compat: the image's posterior from the mask stage, sampled anew as diffusers does (no second encoding)
+        start = dict(posterior=mask.posterior) if mask.posterior is not None else given
         inversion = invert(model, strength=0.8 if args.strength is None else args.strength, steps=steps,
                            guidance=args.invert_guidance, generator=gen(), diffusers_compat=compat, progress=progress,
-                           **given)
+                           **start)
     negative = args.source if args.negative is None else args.negative
     result = edit(model, inversion, mask, args.target, negative_prompt=negative, guidance=args.guidance, eta=args.eta,
                   generator=gen(), diffusers_compat=compat, progress=progress)

@@ -36,6 +36,7 @@ from .ddim import add_noise, ddim_inverse_step, ddim_step, eps_from_v, timesteps
 from .image import ImageInput, MaskInput, mask_to_pil, to_mask, to_numpy, to_pil, to_tensor
 from .model import StableDiffusion
 from .text import Prompts
+from .vae import DiagonalGaussian
 
 Callback = Callable[[dict[str, Any]], None]  # gets dict(i, t, x, pred_x0) after every step, k-diffusion style
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -50,6 +51,9 @@ class MaskResult:
     latents: Tensor | None  # z0 of the input images, one per image; None in compat mode (it samples per map)
     timestep: int  # the noise level of the maps
     threshold_ratio: float
+    # compat mode, from an image: the VAE posterior the maps sampled, for invert(posterior=...) to draw its own z0
+    # from without running the encoder again (diffusers encodes the image anew for its inversion: same numbers)
+    posterior: DiagonalGaussian | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,9 +121,11 @@ def generate_mask(
                                 source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat, guidance)
     tgt, tgt_neg = _prompt_pair(model, target_prompt, target_embeddings, target_negative_prompt,
                                 target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat, guidance)
+    posterior = None
     if diffusers_compat:
         z0 = latents
-        diff = _diffusers_mask_map(model, image, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator)
+        posterior = None if image is None else model.encode_posterior(to_tensor(image, model.config.vae.downsample_factor))
+        diff = _diffusers_mask_map(model, posterior, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator)
     else:
         z0 = _encode(model, image, latents)  # the posterior mean, encoded once (invert(latents=...) shares it)
         rows = _batch(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
@@ -139,7 +145,7 @@ def generate_mask(
             diff += scale * (eps_tgt - eps_src).abs().float().mean(1, keepdim=True) / num_maps
     mask = binarize(diff, threshold_ratio, per_image=not diffusers_compat)
     image_size = tuple(s * model.config.vae.downsample_factor for s in mask.shape[-2:])
-    return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio)
+    return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio, posterior)
 
 
 def binarize(difference: Tensor, threshold_ratio: float = 3.0, per_image: bool = True) -> Tensor:
@@ -159,14 +165,16 @@ def binarize(difference: Tensor, threshold_ratio: float = 3.0, per_image: bool =
 @torch.no_grad()
 def invert(
     model: StableDiffusion, image: ImageInput | None = None, prompt: Prompts | None = None, *,
-    latents: Tensor | None = None, strength: float = 0.8, steps: int = 50, guidance: float = 1.0,
+    latents: Tensor | None = None, posterior: DiagonalGaussian | None = None, strength: float = 0.8,
+    steps: int = 50, guidance: float = 1.0,
     negative_prompt: Prompts | None = None, prompt_embeddings: Tensor | None = None,
     negative_embeddings: Tensor | None = None, generator: torch.Generator | None = None, clip_skip: int = 0,
     lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 0,
     num_auto_corr_rolls: int = 5, callback: Callback | None = None, diffusers_compat: bool = False,
     progress: bool = True,
 ) -> Inversion:
-    """§3.1: DDIM encoding of z0 (from `image`, or `latents=`) up to ratio `strength`, every latent kept.
+    """§3.1: DDIM encoding of z0 (from `image`, `latents=`, or `posterior=` a MaskResult's) up to ratio
+    `strength`, every latent kept.
 
     The paper encodes unconditionally (the default: prompt "", guidance 1; strong guidance breaks DDIM
     inversion). The
@@ -183,7 +191,7 @@ def invert(
     prompt = "" if prompt is None and prompt_embeddings is None else prompt
     cond, uncond = _prompt_pair(model, prompt, prompt_embeddings, negative_prompt, negative_embeddings, "prompt",
                                 clip_skip, diffusers_compat, guidance)
-    z0 = _encode(model, image, latents, generator, sample=diffusers_compat)  # compat: a posterior sample
+    z0 = _encode(model, image, latents, generator, sample=diffusers_compat, posterior=posterior)  # compat: sampled
     rows = _batch(images=len(z0), prompt=len(cond))
     z0, cond, uncond = _rows(z0, rows), _rows(cond, rows), _rows(uncond, rows) if guidance > 1 else None
     if diffusers_compat and num_reg_steps and uncond is not None and rows > 1 and _is_v(model):
@@ -278,17 +286,23 @@ def edit(
 
 
 # ---- diffusers' mask, numbers included ----------------------------------------------------------------------
-def _diffusers_mask_map(model, image, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator):
+def _diffusers_mask_map(model, posterior, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator):
     """The map of diffusers' generate_mask: one posterior sample per map, its batch layout, its swapped guidance."""
-    z = _encode(model, image, latents, generator, sample=True, repeat=num_maps)  # encodes each map's copy anew
+    # diffusers encodes each map's copy anew; one encoder pass, the posterior repeated, draws the same samples
+    z = _encode(model, None, latents, generator, sample=True, repeat=num_maps, posterior=posterior)
     n_images = len(z) // num_maps
     rows = _batch(images=n_images, source_prompt=len(src), target_prompt=len(tgt))
     z = torch.cat([z] * (rows // n_images))  # a shared image is tiled
     x = add_noise(model.schedule, z, _randn(z.shape, generator, z), t)
     rep = lambda e: _rows(e, rows).repeat_interleave(num_maps, 0)  # noqa: E731
     if guidance > 1:  # the halves of each pair are swapped: it guides *away* from the prompt, towards ""
-        out_neg_src, out_src, out_uncond, out_tgt = model.predict(
-            torch.cat([x] * 4), t, torch.cat([rep(src), rep(src_neg), rep(tgt), rep(tgt_neg)])).chunk(4)
+        if torch.equal(_rows(src_neg, rows), _rows(tgt_neg, rows)):  # both "" (the default): the same rows twice,
+            out_neg_src, out_src, out_uncond = model.predict(  # so 3 of diffusers' 4 row groups suffice
+                torch.cat([x] * 3), t, torch.cat([rep(src), rep(src_neg), rep(tgt)])).chunk(3)
+            out_tgt = out_src  # (diffusers' names, swapped as its guidance is: this is the negative's output)
+        else:
+            out_neg_src, out_src, out_uncond, out_tgt = model.predict(
+                torch.cat([x] * 4), t, torch.cat([rep(src), rep(src_neg), rep(tgt), rep(tgt_neg)])).chunk(4)
         out_src = out_neg_src + guidance * (out_src - out_neg_src)
         out_tgt = out_uncond + guidance * (out_tgt - out_uncond)
     else:  # (diffusers itself fails without guidance)
@@ -344,10 +358,14 @@ def _kl(eps: Tensor) -> Tensor:
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
-def _encode(model, image, latents, generator=None, sample=False, repeat=1) -> Tensor:
-    """§3.1: the input -> z0 (scaled VAE latents), or the given `latents` as they are."""
-    if (image is None) == (latents is None):
-        raise ValueError("give either an image or latents=, exactly one of them")
+def _encode(model, image, latents, generator=None, sample=False, repeat=1, posterior=None) -> Tensor:
+    """§3.1: the input -> z0 (scaled VAE latents), or the given `latents` as they are, or from a `posterior`."""
+    if sum(x is not None for x in (image, latents, posterior)) != 1:
+        raise ValueError("give an image, latents= or posterior=, exactly one of them")
+    if posterior is not None:
+        if not isinstance(posterior, DiagonalGaussian):
+            raise TypeError(f"posterior must be a DiagonalGaussian (MaskResult.posterior), got {type(posterior).__name__}")
+        return model.posterior_latents(posterior, generator, sample, repeat)
     if latents is not None:
         c = model.config.vae.latent_channels
         ok = isinstance(latents, Tensor) and latents.is_floating_point() and latents.ndim == 4
@@ -355,7 +373,7 @@ def _encode(model, image, latents, generator=None, sample=False, repeat=1) -> Te
             raise ValueError(f"latents must be a float (B, {c}, h, w) tensor, got {getattr(latents, 'shape', latents)}")
         return latents.to(model.device, model.dtype).repeat_interleave(repeat, 0)
     images = to_tensor(image, model.config.vae.downsample_factor)
-    return model.encode_image(images, generator, sample, repeat)  # one encoder pass, even for diffusers' n copies
+    return model.encode_image(images, generator, sample, repeat)
 
 
 def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat, guidance):

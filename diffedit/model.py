@@ -71,6 +71,27 @@ class StableDiffusion(nn.Module):
 
     # ---- images <-> latents -------------------------------------------------------------------------
     @torch.no_grad()
+    def encode_posterior(self, images: Tensor) -> DiagonalGaussian:
+        """Images (B, 3, H, W) in [0, 1] -> the VAE's posterior q(z | x) (unscaled latents): one encoder pass."""
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        factor = self.config.vae.downsample_factor
+        if images.shape[-1] % factor or images.shape[-2] % factor:
+            raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[-2:])}")
+        return self.vae.encode(images.to(self.device, self.dtype) * 2 - 1)
+
+    def posterior_latents(
+        self, posterior: DiagonalGaussian, generator: torch.Generator | None = None, sample: bool = False,
+        repeat: int = 1,
+    ) -> Tensor:
+        """A posterior -> scaled latents z0 (B * repeat, 4, h, w): its mean, or with `sample=True` a draw with
+        `generator`, as diffusers' pipelines do. `repeat` gives each image `repeat` consecutive rows; the draws
+        are those of sampling the posterior of the repeated batch."""
+        if repeat > 1:
+            posterior = DiagonalGaussian(*(m.repeat_interleave(repeat, 0) for m in (posterior.mean, posterior.logvar)))
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * self.config.vae.scaling_factor
+
     def encode_image(
         self, images: Tensor, generator: torch.Generator | None = None, sample: bool = False, repeat: int = 1
     ) -> Tensor:
@@ -80,16 +101,7 @@ class StableDiffusion(nn.Module):
         `generator`, as diffusers' pipelines do. `repeat` gives each image `repeat` consecutive rows: the
         encoder runs once and the posterior is repeated, so the draws are those of encoding the repeated batch.
         """
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
-        factor = self.config.vae.downsample_factor
-        if images.shape[-1] % factor or images.shape[-2] % factor:
-            raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[-2:])}")
-        posterior = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1)
-        if repeat > 1:
-            posterior = DiagonalGaussian(*(m.repeat_interleave(repeat, 0) for m in (posterior.mean, posterior.logvar)))
-        latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * self.config.vae.scaling_factor
+        return self.posterior_latents(self.encode_posterior(images), generator, sample, repeat)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:

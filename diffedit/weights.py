@@ -133,7 +133,7 @@ def write_model_folder(
     with atomic_folder(out, force) as tmp:
         for name, state in tensors.items():
             state = {
-                k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                 for k, v in state.items()
             }
             save_file(state, str(tmp / f"{name}.safetensors"))

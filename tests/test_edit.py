@@ -17,6 +17,7 @@ from diffedit import EditResult, Inversion, edit, generate_mask, invert
 from diffedit.ddim import ddim_step, timesteps
 from diffedit.edit import binarize
 from diffedit.image import mask_to_pil, overlay, side_by_side, to_mask, to_tensor
+from diffedit.vae import DiagonalGaussian
 
 from .conftest import make_tiny_model
 
@@ -218,6 +219,8 @@ def _bad_calls(model, images, inversion):
         "image and latents": (ValueError, lambda: i(latents=torch.zeros(2, 4, 8, 8))),
         "no image": (ValueError, lambda: i(image=None)),
         "latents shape": (ValueError, lambda: i(image=None, latents=torch.zeros(2, 3, 8, 8))),
+        "image and posterior": (ValueError, lambda: i(posterior=DiagonalGaussian(*torch.zeros(2, 2, 4, 8, 8)))),
+        "posterior type": (TypeError, lambda: i(image=None, posterior=torch.zeros(2, 4, 8, 8))),
         "prompt type": (TypeError, lambda: m(source_prompt=3)),
         "prompt and embeddings": (ValueError, lambda: e(prompt_embeddings=torch.zeros(1, 77, 32))),
         "embeddings shape": (ValueError, lambda: e(prompt=None, prompt_embeddings=torch.zeros(1, 77, 5))),

@@ -41,17 +41,17 @@ def seeded(seed: int) -> torch.Generator:
 REGULARISER = dict(lambda_auto_corr=1.0, lambda_kl=1.0, num_auto_corr_rolls=3)
 
 CASES = {
-    # batch, images per prompt, edit eta, inversion guidance, regulariser steps
-    "b1": (1, 1, 0.0, 1.0, 0),
-    "b1-cfg-inversion-regulariser": (1, 1, 0.0, 3.0, 1),
-    "b2-two-per-prompt-eta": (2, 2, 0.5, 1.0, 1),
+    # batch, images per prompt, edit eta, inversion guidance, regulariser steps, the mask's two negative prompts
+    "b1": (1, 1, 0.0, 1.0, 0, (None, None)),  # both negatives "": our compat mask skips diffusers' 4th row group
+    "b1-cfg-inversion-regulariser": (1, 1, 0.0, 3.0, 1, (["blurry"], ["a photo"])),  # distinct: all 4 row groups
+    "b2-two-per-prompt-eta": (2, 2, 0.5, 1.0, 1, (None, None)),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_chain_matches_diffusers(pair, case: str) -> None:
     model, pipe = pair
-    batch, per_prompt, eta, inv_guidance, reg_steps = CASES[case]
+    batch, per_prompt, eta, inv_guidance, reg_steps, (source_negative, target_negative) = CASES[case]
     images = torch.rand(batch, 3, 16, 16, generator=seeded(1))
     sources = ["a bowl of fruits", "a red circle"][:batch]
     targets = ["a bowl of pears", "a blue square"][:batch]
@@ -60,10 +60,11 @@ def test_chain_matches_diffusers(pair, case: str) -> None:
     theirs = pipe.generate_mask(
         image=images, source_prompt=sources, target_prompt=targets, num_maps_per_mask=3,
         mask_encode_strength=0.5, num_inference_steps=STEPS, guidance_scale=7.5, generator=seeded(2),
-        output_type="np",
+        source_negative_prompt=source_negative, target_negative_prompt=target_negative, output_type="np",
     )
     ours = generate_mask(model, images, sources, targets, num_maps=3, encode_strength=0.5, steps=STEPS,
-                         guidance=7.5, generator=seeded(2), diffusers_compat=True, progress=False)
+                         guidance=7.5, source_negative_prompt=source_negative, target_negative_prompt=target_negative,
+                         generator=seeded(2), diffusers_compat=True, progress=False)
     assert np.array_equal(ours.latent_mask[:, 0].numpy(), theirs)
     assert 0 < theirs.mean() < 1  # a mask with both values, so the blend below is tested
 
@@ -77,6 +78,10 @@ def test_chain_matches_diffusers(pair, case: str) -> None:
     image_err = relative_error(ours_inv.latents, theirs_inv)
     # The VAE encoders agree to ~1e-6 at batch 2 (bit for bit at batch 1); the inversion grows that ~10x.
     assert image_err < 10 * RTOL
+    # the mask's posterior instead of a second encoder pass: the same z0 draw, so the same bits
+    from_mask = invert(model, None, sources, posterior=ours.posterior, steps=STEPS, strength=0.8,
+                       guidance=inv_guidance, generator=seeded(3), **reg, diffusers_compat=True, progress=False)
+    assert torch.equal(from_mask.latents, ours_inv.latents) and torch.equal(from_mask.z0, ours_inv.z0)
     z0 = ours_inv.z0  # diffusers takes 4-channel "images" as latents, as they are
     theirs_inv = pipe.invert(prompt=sources, image=z0, num_inference_steps=STEPS, inpaint_strength=0.8,
                              guidance_scale=inv_guidance, generator=seeded(3), **reg).latents

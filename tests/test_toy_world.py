@@ -168,3 +168,14 @@ def test_generates_the_prompted_colour(toy_model, colour):
     found = [dominant_object_colour(p) for p in pixels]
     correct = sum(name == colour and count >= 60 for name, count in found)  # an object of >= 60 px
     assert correct >= GENERATION_MIN_CORRECT, found
+
+
+def test_batches_rendered_by_workers_are_the_inline_ones():
+    # the GPU path of train.py renders each step's scenes in DataLoader processes: the same scenes, in order
+    from diffedit.toy.train import batches
+
+    inline, ahead = batches(3, 100, 4, workers=0), batches(3, 100, 4, workers=1)
+    for _ in range(3):
+        (a, captions_a), (b, captions_b) = next(inline), next(ahead)
+        assert torch.equal(a, b) and captions_a == captions_b and a.shape == (4, 3, 64, 64)
+    assert not torch.equal(next(inline)[0], a)  # steps move through the stream

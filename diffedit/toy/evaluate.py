@@ -183,8 +183,9 @@ def run_diffedit(model, image, source, target, s: Settings, seed: int, compat: b
     mask = generate_mask(model, source_prompt=source, target_prompt=target, num_maps=s.num_maps,
                          encode_strength=s.mask_strength, threshold_ratio=s.threshold, steps=s.steps,
                          guidance=s.guidance, generator=gen(), diffusers_compat=compat, progress=False, **given)
+    start = dict(posterior=mask.posterior) if compat else given  # compat: no second encoder pass, same draws
     inversion = invert(model, strength=s.strength, steps=s.steps, generator=gen(), diffusers_compat=compat,
-                       progress=False, **given)
+                       progress=False, **start)
     result = edit(model, inversion, mask, target, negative_prompt=s.negative_prompt(source), guidance=s.guidance,
                   generator=gen(), diffusers_compat=compat, output_type="pt", progress=False)
     return to_uint8(result.images)[0], np.asarray(mask.image_mask[0]) > 0

@@ -19,7 +19,9 @@ folder, EMA weights) go to <out>.work/checkpoint, together with a sample grid; t
 --out with `StableDiffusion.save` (fp16).
 
 One thread by default: on a machine whose cores are shared, two OpenMP threads were 3-5x slower per step
-than one (they spin waiting for each other).
+than one (they spin waiting for each other). `--device cuda --workers 12` trains on a GPU, with
+scenes rendered ahead by DataLoader processes (noise and timesteps still come from the CPU generator, so the draws
+do not depend on the device); on an H100 a VAE step (batch 64) took 0.03 s, a UNet step (batch 128) 0.09 s.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,30 @@ def world_batch(seed: int, start: int, count: int) -> tuple[Tensor, list[str]]:
     """Scenes start .. start + count of the stream: images (count, 3, 64, 64) in [0, 1] and captions."""
     scenes = [training_scene(seed, start + i) for i in range(count)]
     return to_tensor(np.stack([render(s)[0] for s in scenes])), [s.caption for s in scenes]
+
+
+class WorldBatches(torch.utils.data.Dataset):
+    """Batch `step` of a phase = scenes offset + step * batch ..: the same batches whether rendered here or by
+    DataLoader workers (`--workers`, for a GPU that renders faster than one core can draw)."""
+
+    def __init__(self, seed: int, offset: int, batch: int) -> None:
+        self.seed, self.offset, self.batch = seed, offset, batch
+
+    def __len__(self) -> int:
+        return 10**8
+
+    def __getitem__(self, step: int) -> tuple[Tensor, list[str]]:
+        return world_batch(self.seed, self.offset + step * self.batch, self.batch)
+
+
+def batches(seed: int, offset: int, batch: int, workers: int) -> Iterator[tuple[Tensor, list[str]]]:
+    """The phase's batches in order, step 0, 1, ...; rendered ahead by `workers` processes when > 0."""
+    data = WorldBatches(seed, offset, batch)
+    if workers == 0:
+        return (data[step] for step in range(len(data)))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
 
 
 def psnr(a: Tensor, b: Tensor) -> Tensor:
@@ -95,11 +122,12 @@ def train_vae(model: StableDiffusion, args: argparse.Namespace, generator: torch
     vae = model.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     budget, step, running = Budget(args.vae_minutes, args.vae_steps), 0, None
+    stream = batches(args.seed, VAE_STREAM, args.vae_batch, args.workers)
     while (progress := budget.progress(step)) < 1:
         for group in opt.param_groups:
             group["lr"] = args.vae_lr * lr_factor(progress)
-        images, _ = world_batch(args.seed, VAE_STREAM + step * args.vae_batch, args.vae_batch)
-        x = images * 2 - 1
+        images, _ = next(stream)
+        x = images.to(args.device) * 2 - 1
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(generator))
         kl = 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1 - posterior.logvar).mean()
@@ -121,7 +149,8 @@ def train_vae(model: StableDiffusion, args: argparse.Namespace, generator: torch
 @torch.no_grad()
 def measure_vae(vae: torch.nn.Module, count: int = 256) -> tuple[float, float]:
     """(mean reconstruction PSNR in dB on held-out scenes, 1 / std of their latents (posterior means))."""
-    images = to_tensor(np.stack([render(heldout_scene(i))[0] for i in range(count)]))
+    device = next(vae.parameters()).device
+    images = to_tensor(np.stack([render(heldout_scene(i))[0] for i in range(count)])).to(device)
     psnrs, latents = [], []
     for chunk in images.split(64):
         z = vae.encode(chunk * 2 - 1).mode()
@@ -163,13 +192,13 @@ def train_decoder_locality(model: StableDiffusion, args: argparse.Namespace, gen
     while (progress := budget.progress(step)) < 1:
         for group in opt.param_groups:
             group["lr"] = args.locality_lr * lr_factor(progress)
-        src, tgt, mask = locality_batch(args, step, rng)
+        src, tgt, mask = (x.to(args.device) for x in locality_batch(args, step, rng))
         with torch.no_grad():
             z_src, z_tgt = vae.encode(src * 2 - 1).mode(), vae.encode(tgt * 2 - 1).mode()
             m = F.max_pool2d(F.max_pool2d(mask, f), 3, 1, 1)  # like a DiffEdit mask: latent cells, a little larger
             mean = z_src.mean((2, 3), keepdim=True)
             scale = 1 + 2 * torch.rand(len(src), 1, 1, 1, generator=generator)
-            scale = torch.where(torch.rand(len(src), 1, 1, 1, generator=generator) < 0.25, 1.0, scale)
+            scale = torch.where(torch.rand(len(src), 1, 1, 1, generator=generator) < 0.25, 1.0, scale).to(args.device)
             z = z_src * (1 - m) + (mean + scale * (z_tgt - mean)) * m
         recon = vae.decode(z)
         x = tgt * 2 - 1
@@ -199,21 +228,24 @@ def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torc
     def ids_of(captions: list[str]) -> Tensor:
         for c in set(captions) - set(token_cache):
             token_cache[c] = tokenize(model.tokenizer, [c], model.config.text.max_length)[0]
-        return torch.stack([token_cache[c] for c in captions])
+        return torch.stack([token_cache[c] for c in captions]).to(args.device)
+
+    stream = batches(args.seed, UNET_STREAM, args.unet_batch, args.workers)
 
     while (progress := budget.progress(step)) < 1:
         for group in opt.param_groups:
             group["lr"] = args.unet_lr * lr_factor(progress)
-        images, captions = world_batch(args.seed, UNET_STREAM + step * args.unet_batch, args.unet_batch)
+        images, captions = next(stream)
         drop = torch.rand(len(captions), generator=generator) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            z0 = model.vae.encode(images * 2 - 1).mode() * model.config.vae.scaling_factor
-        noise = torch.randn(z0.shape, generator=generator)
+            z0 = model.vae.encode(images.to(args.device) * 2 - 1).mode() * model.config.vae.scaling_factor
+        # noise and timesteps from the CPU generator: the same draws on any device
+        noise = torch.randn(z0.shape, generator=generator).to(args.device)
         t = torch.randint(0, model.schedule.num_train_timesteps, (len(z0),), generator=generator)
         x_t = add_noise(model.schedule, z0, noise, t)
         context = text(ids_of(captions)).last_hidden_state
-        loss = F.mse_loss(unet(x_t, t, context), noise)
+        loss = F.mse_loss(unet(x_t, t.to(args.device), context), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -274,7 +306,7 @@ def sample(
 def save_grid(images: Tensor, path: Path, scale: int = 4) -> None:
     from PIL import Image
 
-    row = (images.clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3)
+    row = (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3)
     Image.fromarray(row.numpy()).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST).save(path)
 
 
@@ -305,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="start from this model folder and run phase (a2) only (its UNet and encoder are kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same recipe, faster")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes rendering scenes ahead (0: in the training loop; a GPU needs several)")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-5)
@@ -324,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.locality_minutes is None and args.locality_steps is None:
         args.locality_minutes = 6.0
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     work = args.work or args.out.with_name(args.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -331,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.start_from is not None:  # phase (a2) only, on a trained model
         from diffedit.model import load
 
-        model = load(args.start_from)
+        model = load(args.start_from, device=args.device)
         provenance = model.provenance
         log(f"phase (a2): decoder locality, {args.locality_minutes} min / {args.locality_steps} steps")
         provenance["decoder_locality_steps"] = train_decoder_locality(model, args, generator)
@@ -343,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         model.save(args.out, force=True, dtype=torch.float16)
         log(f"wrote {args.out}")
         return
-    model = build_model(args.seed)
+    model = build_model(args.seed).to(args.device)
 
     log(f"phase (a): VAE, {args.vae_minutes} min / {args.vae_steps} steps")
     vae_steps = train_vae(model, args, generator)
