@@ -35,7 +35,7 @@ from tqdm import tqdm  # plain text bars: the same in terminals and notebooks, n
 from .ddim import add_noise, ddim_inverse_step, ddim_step, eps_from_v, timesteps, to_x0_and_eps
 from .image import ImageInput, MaskInput, mask_to_pil, to_mask, to_numpy, to_pil, to_tensor
 from .model import StableDiffusion
-from .text import Prompts
+from .text import Prompts, as_prompt_list
 from .vae import DiagonalGaussian
 
 Callback = Callable[[dict[str, Any]], None]  # gets dict(i, t, x, pred_x0) after every step, k-diffusion style
@@ -117,15 +117,20 @@ def generate_mask(
     _check_int(num_maps, "num_maps", 1)
     _check_number(threshold_ratio, "threshold_ratio", low=0.0, open_low=True)
     t = _timesteps(model, steps, encode_strength, "encode_strength")[0]  # 0.5 of 50 steps -> t = 481
+    cache: dict = {}  # both negatives are "" by default: encoded once
     src, src_neg = _prompt_pair(model, source_prompt, source_embeddings, source_negative_prompt,
-                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat, guidance)
+                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat, guidance,
+                                cache)
     tgt, tgt_neg = _prompt_pair(model, target_prompt, target_embeddings, target_negative_prompt,
-                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat, guidance)
+                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat, guidance,
+                                cache)
     posterior = None
     if diffusers_compat:
         z0 = latents
-        posterior = None if image is None else model.encode_posterior(to_tensor(image, model.config.vae.downsample_factor))
-        diff = _diffusers_mask_map(model, posterior, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance, generator)
+        if image is not None:  # one encoder pass; the maps and invert(posterior=...) sample from it
+            posterior = model.encode_posterior(to_tensor(image, model.config.vae.downsample_factor))
+        diff = _diffusers_mask_map(model, posterior, latents, t, src, src_neg, tgt, tgt_neg, num_maps, guidance,
+                                   generator)
     else:
         z0 = _encode(model, image, latents)  # the posterior mean, encoded once (invert(latents=...) shares it)
         rows = _batch(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
@@ -364,7 +369,8 @@ def _encode(model, image, latents, generator=None, sample=False, repeat=1, poste
         raise ValueError("give an image, latents= or posterior=, exactly one of them")
     if posterior is not None:
         if not isinstance(posterior, DiagonalGaussian):
-            raise TypeError(f"posterior must be a DiagonalGaussian (MaskResult.posterior), got {type(posterior).__name__}")
+            what = type(posterior).__name__
+            raise TypeError(f"posterior must be a DiagonalGaussian (a MaskResult's .posterior), not {what}")
         return model.posterior_latents(posterior, generator, sample, repeat)
     if latents is not None:
         c = model.config.vae.latent_channels
@@ -376,31 +382,38 @@ def _encode(model, image, latents, generator=None, sample=False, repeat=1, poste
     return model.encode_image(images, generator, sample, repeat)
 
 
-def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat, guidance):
+def _prompt_pair(model, prompt, embeddings, negative, negative_embeddings, what, clip_skip, compat, guidance,
+                 cache=None):
     """(cond, uncond) embeddings, as many of each; the negative defaults to "" for every prompt.
 
     Without guidance (<= 1) a default negative is never used, so it is not encoded: uncond is None.
+    `cache` (a dict shared by the calls of one stage) encodes each distinct prompt list once.
     """
-    cond = _embed(model, prompt, embeddings, what, clip_skip)
+    cond = _embed(model, prompt, embeddings, what, clip_skip, cache)
     if negative is None and negative_embeddings is None:
         if guidance <= 1:
             return cond, None
         negative = [""] * len(cond)
     # diffusers applies clip_skip to the prompt only, never to its negative
-    uncond = _embed(model, negative, negative_embeddings, f"negative of {what}", 0 if compat else clip_skip)
+    uncond = _embed(model, negative, negative_embeddings, f"negative of {what}", 0 if compat else clip_skip, cache)
     if len(uncond) not in (1, len(cond)):
         raise ValueError(f"{len(uncond)} negative prompts for {len(cond)} prompts ({what})")
     return cond, _rows(uncond, len(cond))
 
 
-def _embed(model, prompt, embeddings, what, clip_skip) -> Tensor:
+def _embed(model, prompt, embeddings, what, clip_skip, cache=None) -> Tensor:
     if embeddings is not None:
         if prompt is not None:
             raise ValueError(f"give {what} or its embeddings, not both")
         return model.check_embeddings(embeddings, f"{what} embeddings")
     if prompt is None:
         raise ValueError(f"{what} is missing: give a string, a list of strings or embeddings")
-    return model.encode_prompt(prompt, clip_skip)
+    if cache is None:
+        return model.encode_prompt(prompt, clip_skip)
+    key = (tuple(as_prompt_list(prompt)), clip_skip)
+    if key not in cache:
+        cache[key] = model.encode_prompt(prompt, clip_skip)
+    return cache[key]
 
 
 def _batch(**counts: int) -> int:

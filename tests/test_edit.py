@@ -141,6 +141,15 @@ def test_mask_and_inversion_share_one_encoding(model, images) -> None:
     assert a.latents.shape == (2, 4, 4, 8, 8) and a.timesteps == tuple(timesteps(model.schedule, STEPS, 0.8))
 
 
+@pytest.mark.parametrize("compat", [False, True])
+def test_mask_encodes_each_distinct_prompt_once(model, images, monkeypatch, compat: bool) -> None:
+    encoded = []
+    original = model.encode_prompt
+    monkeypatch.setattr(model, "encode_prompt", lambda p, clip_skip=0: encoded.append(p) or original(p, clip_skip))
+    generate_mask(model, images, "a cat", "a dog", num_maps=1, diffusers_compat=compat, **FAST)
+    assert sorted(map(str, encoded)) == sorted(map(str, ["a cat", "a dog", [""]]))  # one "" for both negatives
+
+
 def test_one_image_several_prompts(model, images) -> None:
     mask = generate_mask(model, images[:1], "a bowl of fruits", ["a bowl of pears", "a red circle"], num_maps=2,
                          generator=seeded(), **FAST)
