@@ -8,7 +8,7 @@ weights, inputs and seeds (a benchmark of different work would be worthless); th
 every stage (torch.utils.flop_counter) and serves as warm-up; (2) `--reps` timed repetitions, the sides
 alternating (order rotated each repetition), per-stage wall time and per-component time (UNet, VAE encoder,
 VAE decoder, text encoder: forward hooks; "other" is the rest: glue, schedulers, Python) — medians reported;
-(3) UNet forward throughput at the edit's batch (CFG: 2) against the machine's fp32 matmul throughput;
+(3) UNet forward throughput at the edit's batch (CFG: 2) against the machine's matmul throughput in the same dtype;
 (4) peak memory of one full run per side, each in a fresh subprocess (Linux: VmHWM reset through
 /proc/self/clear_refs; CUDA: max_memory_allocated).
 
@@ -42,7 +42,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffedit import edit, generate_mask, invert
 
-from .lean import run_lean
 from .models import MODELS, Subject, build, diffusers_pipeline, shares_weights
 
 STAGES = ("mask", "invert", "edit")
@@ -194,7 +193,7 @@ def check_and_count(sub: Subject, pipe: Any, s: Settings, rec: Recorder, tol: fl
         rec.side = side
         outputs[side] = RUNNERS[side](sub, pipe, s, rec, True)
     checks = {side: compare(outputs[side], outputs["diffusers"], sub, pipe, s, tol)
-              for side in sides if side in ("ours", "ours-lean")}
+              for side in sides if side == "ours"}
     bad = {side: c for side, c in checks.items() if not c["passed"]}
     if bad:
         raise AssertionError(f"{sub.name}: not diffusers' numbers: {bad}")
@@ -205,16 +204,16 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "ours": lambda sub, pipe, s, rec, flops=False: run_ours(sub, s, rec, compat=True, count_flops=flops),
     "diffusers": lambda sub, pipe, s, rec, flops=False: run_diffusers(sub, pipe, s, rec, count_flops=flops),
     "ours-paper": lambda sub, pipe, s, rec, flops=False: run_ours(sub, s, rec, compat=False, count_flops=flops),
-    "ours-lean": lambda sub, pipe, s, rec, flops=False: run_lean(sub, s, rec, _gen, count_flops=flops),
 }
 
 
 # ---- throughput --------------------------------------------------------------------------------------------
-def matmul_throughput(device: torch.device, n: int, reps: int) -> dict[str, float]:
-    """fp32 GFLOP/s of an n x n x n torch.matmul (2 n^3 FLOPs): the machine's practical peak."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+def matmul_throughput(device: torch.device, n: int, reps: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """GFLOP/s of an n x n x n torch.matmul (2 n^3 FLOPs) in the UNets' dtype (fp32 on CPU, fp16 on CUDA):
+    the machine's practical peak for the work the UNets do."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=c)
     times = []
     for _ in range(reps):
@@ -224,7 +223,8 @@ def matmul_throughput(device: torch.device, n: int, reps: int) -> dict[str, floa
         _sync(device)
         times.append(time.perf_counter() - t0)
     flops = 2 * n**3
-    return dict(n=n, best_gflops=flops / min(times) / 1e9, median_gflops=flops / statistics.median(times) / 1e9)
+    return dict(n=n, dtype=str(dtype).removeprefix("torch."), best_gflops=flops / min(times) / 1e9,
+                median_gflops=flops / statistics.median(times) / 1e9)
 
 
 def unet_throughput(sub: Subject, pipe: Any, batch: int, reps: int, tol: float) -> dict[str, Any]:
@@ -394,7 +394,7 @@ def bench_model(name: str, args: argparse.Namespace, matmul: dict[str, float]) -
         rec.watch(dict(unet=pipe.unet, vae_encoder=pipe.vae.encoder, vae_decoder=pipe.vae.decoder, text_encoder=pipe.text_encoder))
     tol = TOLERANCE[dtype]
 
-    sides = ["ours", "diffusers"] + ([] if args.no_paper else ["ours-paper"]) + ([] if args.no_lean else ["ours-lean"])
+    sides = ["ours", "diffusers"] + ([] if args.no_paper else ["ours-paper"])
     with torch.no_grad():
         t0 = time.perf_counter()
         res["check"] = check_and_count(sub, pipe, s, rec, tol, sides)
@@ -421,7 +421,7 @@ def bench_model(name: str, args: argparse.Namespace, matmul: dict[str, float]) -
         res["ratio_vs_diffusers"] = {sd: {k: res["median_s"][sd][k] / res["median_s"]["diffusers"][k] for k in (*STAGES, "total")}
                                      for sd in sides if sd != "diffusers"}
         # The matmul reference right before the UNet timing, under the same load as it.
-        res["matmul"] = mm = matmul_throughput(torch.device(device), args.matmul_size, reps=5)
+        res["matmul"] = mm = matmul_throughput(torch.device(device), args.matmul_size, 5, _device_dtype(device)[1])
         res["unet"] = unet_throughput(sub, pipe, batch=2 if s.guidance > 1 else 1, reps=args.unet_reps, tol=tol)
         for side in ("ours", "diffusers"):
             res["unet"][f"{side}_fraction_of_matmul_peak"] = res["unet"][f"{side}_gflops"] / mm["best_gflops"]
@@ -458,7 +458,7 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     env, mm = results["env"], results["matmul"]
     lines.append(f"{env['device']} | torch {env['torch']} | diffusers {env['diffusers']} | {env['threads']} threads | "
-                 f"fp32 matmul {mm['best_gflops']:.1f} GFLOP/s (best; median {mm['median_gflops']:.1f}, n={mm['n']})")
+                 f"{mm.get('dtype', 'float32')} matmul {mm['best_gflops']:.1f} GFLOP/s (best; median {mm['median_gflops']:.1f}, n={mm['n']})")
     for name, r in results["models"].items():
         if "error" in r:
             lines.append(f"\n== {name}: skipped: {r['error']}")
@@ -490,7 +490,7 @@ def table(results: dict[str, Any]) -> str:
         u = r["unet"]
         lines.append(f"UNet forward, batch {u['batch']} at {u['latent'][0]}x{u['latent'][1]}: {u['ours_gflop']:.1f} GFLOP; ours "
                      f"{u['ours_s'] * 1e3:.1f} ms = {u['ours_gflops']:.1f} GFLOP/s ({100 * u['ours_fraction_of_matmul_peak']:.0f}% of "
-                     f"fp32 matmul {r['matmul']['best_gflops']:.1f} GFLOP/s measured just before); diffusers {u['diffusers_s'] * 1e3:.1f} ms = {u['diffusers_gflops']:.1f} GFLOP/s "
+                     f"{r['matmul'].get('dtype', 'float32')} matmul {r['matmul']['best_gflops']:.1f} GFLOP/s measured just before); diffusers {u['diffusers_s'] * 1e3:.1f} ms = {u['diffusers_gflops']:.1f} GFLOP/s "
                      f"({100 * u['diffusers_fraction_of_matmul_peak']:.0f}%)")
         pr = u.get("ours_profile")
         if pr:
@@ -570,7 +570,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results.json")
     p.add_argument("--merge", action="store_true", help="add to / replace models in an existing --out file")
     p.add_argument("--show", action="store_true", help="print the table of an existing --out file and exit")
-    p.add_argument("--no-lean", action="store_true", help="skip the bench-only lean-compat prototype (bench/lean.py)")
     p.add_argument("--probe", choices=tuple(RUNNERS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -584,11 +583,11 @@ def main(argv: list[str] | None = None) -> None:
         return probe(args)
     if args.show:
         return print(table(json.loads(Path(args.out).read_text())))
-    device, _ = _device_dtype(args.device)
+    device, dtype = _device_dtype(args.device)
     args.device = device
     results: dict[str, Any] = dict(env=_env(device), models={})
-    results["matmul"] = matmul_throughput(torch.device(device), args.matmul_size, reps=5)
-    _log(f"fp32 matmul: {results['matmul']}")
+    results["matmul"] = matmul_throughput(torch.device(device), args.matmul_size, 5, dtype)
+    _log(f"matmul: {results['matmul']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and out.is_file():  # keep the other models' results of an earlier run
@@ -600,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
             results["models"][name] = dict(error=str(e))
             _log(f"[{name}] skipped: {e}")
         out.write_text(json.dumps(results, indent=1, default=str))
-    after = matmul_throughput(torch.device(device), args.matmul_size, reps=5)
+    after = matmul_throughput(torch.device(device), args.matmul_size, 5, dtype)
     results["matmul_after"] = after
     out.write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
