@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from diffedit import Inversion
+from diffedit import Inversion, edit, generate_mask, invert, load
 from diffedit.cli import main
 
 from .conftest import make_tiny_model
@@ -46,6 +48,22 @@ def test_edit_writes_every_output_and_never_overwrites(files, tmp_path: Path, ca
     one_line_error(capsys, "exists", "--force")
     assert main([*cmd, "--force"]) == 0
     assert out.read_bytes() == before  # same seed, same bits
+
+
+def test_compat_edit_is_the_library_chain(files, tmp_path: Path) -> None:
+    # --compat: the library's compat stages with the CLI's seeds (0 per stage), which match diffusers' numbers
+    # (tests/test_edit_compat.py); the inversion samples the mask's posterior instead of encoding again
+    out = tmp_path / "out.png"
+    cmd = args(files, "edit", "--source", "a red square", "--target", "a blue circle", "--out", out, "--compat", *FAST)
+    assert main(cmd) == 0
+    model, image = load(files["model"]), Image.open(files["image"])
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    mask = generate_mask(model, image, "a red square", "a blue circle", num_maps=2, steps=6, generator=gen(),
+                         diffusers_compat=True, progress=False)
+    inversion = invert(model, image, steps=6, generator=gen(), diffusers_compat=True, progress=False)
+    expected = edit(model, inversion, mask, "a blue circle", negative_prompt="a red square", generator=gen(),
+                    diffusers_compat=True, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 
 
 def test_mask_invert_then_edit_from_the_file(files, tmp_path: Path, capsys) -> None:
