@@ -54,6 +54,10 @@ class MaskResult:
     # compat mode, from an image: the VAE posterior the maps sampled, for invert(posterior=...) to draw its own z0
     # from without running the encoder again (diffusers encodes the image anew for its inversion: same numbers)
     posterior: DiagonalGaussian | None = None
+    # the encoded source and target prompts (one row per prompt, the mask's clip_skip), for the next stages'
+    # prompt_embeddings= / negative_embeddings=: the chain then runs the text encoder once per prompt
+    source_embeddings: Tensor | None = None
+    target_embeddings: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +154,7 @@ def generate_mask(
             diff += scale * (eps_tgt - eps_src).abs().float().mean(1, keepdim=True) / num_maps
     mask = binarize(diff, threshold_ratio, per_image=not diffusers_compat)
     image_size = tuple(s * model.config.vae.downsample_factor for s in mask.shape[-2:])
-    return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio, posterior)
+    return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio, posterior, src, tgt)
 
 
 def binarize(difference: Tensor, threshold_ratio: float = 3.0, per_image: bool = True) -> Tensor:

@@ -115,7 +115,7 @@ class Decoder(nn.Module):
         h = self.mid(self.in_conv(z))
         for level in self.up:
             h = level(h)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled()))  # see ResBlock
 
 
 @dataclass(frozen=True)

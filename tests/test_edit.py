@@ -150,6 +150,19 @@ def test_mask_encodes_each_distinct_prompt_once(model, images, monkeypatch, comp
     assert sorted(map(str, encoded)) == sorted(map(str, ["a cat", "a dog", [""]]))  # one "" for both negatives
 
 
+def test_the_mask_hands_on_its_prompt_embeddings(model, images) -> None:
+    mask = generate_mask(model, images, ["a cat", "a dog"], ["a red cat", "a red dog"], num_maps=1, generator=seeded(),
+                         **FAST)
+    assert torch.equal(mask.source_embeddings, model.encode_prompt(["a cat", "a dog"]))
+    inversion = invert(model, latents=mask.latents, **FAST)
+    by_text = edit(model, inversion, mask, ["a red cat", "a red dog"], negative_prompt=["a cat", "a dog"],
+                   generator=seeded(), output_type="latent", progress=False)
+    handed_on = edit(model, inversion, mask, prompt_embeddings=mask.target_embeddings,
+                     negative_embeddings=mask.source_embeddings, generator=seeded(), output_type="latent",
+                     progress=False)
+    assert torch.equal(by_text.latents, handed_on.latents)
+
+
 def test_one_image_several_prompts(model, images) -> None:
     mask = generate_mask(model, images[:1], "a bowl of fruits", ["a bowl of pears", "a red circle"], num_maps=2,
                          generator=seeded(), **FAST)
