@@ -182,8 +182,8 @@ def invert(
     num_auto_corr_rolls: int = 5, callback: Callback | None = None, diffusers_compat: bool = False,
     progress: bool = True,
 ) -> Inversion:
-    """§3.1: DDIM encoding of z0 (from `image`, `latents=`, or `posterior=` a MaskResult's) up to ratio
-    `strength`, every latent kept.
+    """§3.1: DDIM encoding of z0 (from `image`, `latents=`, or `posterior=mask.posterior`, which compat mode
+    samples without a second encoder pass) up to ratio `strength`, every latent kept.
 
     The paper encodes unconditionally (the default: prompt "", guidance 1; strong guidance breaks DDIM
     inversion). The
