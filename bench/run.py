@@ -423,7 +423,7 @@ def bench_model(name: str, args: argparse.Namespace, matmul: dict[str, float]) -
         res["ratio_vs_diffusers"] = {sd: {k: res["median_s"][sd][k] / res["median_s"]["diffusers"][k] for k in (*STAGES, "total")}
                                      for sd in sides if sd != "diffusers"}
         # The matmul reference right before the UNet timing, under the same load as it.
-        res["matmul"] = mm = matmul_throughput(torch.device(device), args.matmul_size, 5, _device_dtype(device)[1])
+        res["matmul"] = mm = matmul_throughput(torch.device(device), args.matmul_size, 5, dtype)
         res["unet"] = unet_throughput(sub, pipe, batch=2 if s.guidance > 1 else 1, reps=args.unet_reps, tol=tol)
         for side in ("ours", "diffusers"):
             res["unet"][f"{side}_fraction_of_matmul_peak"] = res["unet"][f"{side}_gflops"] / mm["best_gflops"]

@@ -121,13 +121,18 @@ def generate_mask(
     _check_int(num_maps, "num_maps", 1)
     _check_number(threshold_ratio, "threshold_ratio", low=0.0, open_low=True)
     t = _timesteps(model, steps, encode_strength, "encode_strength")[0]  # 0.5 of 50 steps -> t = 481
-    cache: dict = {}  # both negatives are "" by default: encoded once
+    # Both negatives left at "": in the default mode they cancel (below), so they are never encoded (as without
+    # guidance); diffusers' map uses them, so compat encodes "" once for both (the cache).
+    defaults = all(n is None for n in (source_negative_prompt, source_negative_embeddings, target_negative_prompt,
+                                       target_negative_embeddings))
+    pair_guidance = guidance if diffusers_compat or not defaults else 1.0  # 1: default negatives not encoded
+    cache: dict = {}
     src, src_neg = _prompt_pair(model, source_prompt, source_embeddings, source_negative_prompt,
-                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat, guidance,
-                                cache)
+                                source_negative_embeddings, "source_prompt", clip_skip, diffusers_compat,
+                                pair_guidance, cache)
     tgt, tgt_neg = _prompt_pair(model, target_prompt, target_embeddings, target_negative_prompt,
-                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat, guidance,
-                                cache)
+                                target_negative_embeddings, "target_prompt", clip_skip, diffusers_compat,
+                                pair_guidance, cache)
     posterior = None
     if diffusers_compat:
         z0 = latents
