@@ -179,3 +179,28 @@ def test_batches_rendered_by_workers_are_the_inline_ones():
         (a, captions_a), (b, captions_b) = next(inline), next(ahead)
         assert torch.equal(a, b) and captions_a == captions_b and a.shape == (4, 3, 64, 64)
     assert not torch.equal(next(inline)[0], a)  # steps move through the stream
+
+
+def test_continued_unet_training_keeps_the_vae_and_goes_on_with_new_scenes(tmp_path, monkeypatch):
+    # `train --unet-from MODEL` runs phase (b) only: the UNet and the text encoder move, the VAE is the model's,
+    # the provenance adds up the steps, and the scenes are those after the ones the model was trained on
+    from diffedit.model import load
+    from diffedit.toy import train
+
+    offsets = []
+    real_batches = train.batches
+    monkeypatch.setattr(train, "batches", lambda seed, offset, *a: offsets.append(offset) or real_batches(seed, offset, *a))
+    out = tmp_path / "continued"
+    train.main(["--unet-from", str(WEIGHTS), "--out", str(out), "--work", str(tmp_path / "work"), "--unet-steps", "2",
+          "--unet-batch", "2", "--unet-lr", "1e-3"])
+    before, after = load(WEIGHTS), load(out)
+    assert after.config == before.config
+    assert after.provenance["unet_steps"] == before.provenance["unet_steps"] + 2
+    assert after.provenance["unet_continued"][-1]["steps"] == 2
+    seen = before.provenance["unet_steps"] * before.provenance["settings"]["unet_batch"]  # scenes phase (b) used
+    assert offsets == [train.UNET_STREAM + seen]
+    for name, tensor in before.vae.state_dict().items():
+        assert torch.equal(tensor, after.vae.state_dict()[name]), name
+    moved = [n for n, t in before.unet.state_dict().items() if not torch.equal(t, after.unet.state_dict()[n])]
+    assert len(moved) > len(before.unet.state_dict()) // 2
+    assert (tmp_path / "work" / "samples_final.png").is_file()

@@ -230,7 +230,8 @@ def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torc
             token_cache[c] = tokenize(model.tokenizer, [c], model.config.text.max_length)[0]
         return torch.stack([token_cache[c] for c in captions]).to(args.device)
 
-    stream = batches(args.seed, UNET_STREAM, args.unet_batch, args.workers)
+    # a continued run (--unet-from) goes on with the scenes after those its model was trained on
+    stream = batches(args.seed, UNET_STREAM + args.unet_stream_start * args.unet_batch, args.unet_batch, args.workers)
 
     while (progress := budget.progress(step)) < 1:
         for group in opt.param_groups:
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--locality-lr", type=float, default=3e-4)
     parser.add_argument("--from", dest="start_from", type=Path, default=None,
                         help="start from this model folder and run phase (a2) only (its UNet and encoder are kept)")
+    parser.add_argument("--unet-from", type=Path, default=None,
+                        help="start from this model folder and run phase (b) only, continuing its UNet and text "
+                             "encoder on the scenes after those it has seen (its VAE is kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same recipe, faster")
@@ -365,6 +369,30 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     generator = torch.Generator().manual_seed(args.seed)
+    args.unet_stream_start = 0
+    if args.start_from is not None and args.unet_from is not None:
+        raise SystemExit("--from and --unet-from each run one phase: pass one of them")
+    if args.unet_from is not None:  # phase (b) only, continuing a trained model
+        from diffedit.model import load
+
+        model = load(args.unet_from, device=args.device)
+        provenance = model.provenance
+        done = int(provenance["unet_steps"])
+        args.unet_stream_start = done * int(provenance["settings"]["unet_batch"]) // args.unet_batch
+        log(f"phase (b), continued from step {done}: {args.unet_minutes} min / {args.unet_steps} steps")
+        unet_steps, loss = train_unet(model, args, generator, work)
+        provenance["unet_continued"] = provenance.get("unet_continued", []) + [dict(
+            steps=unet_steps, loss=round(loss, 4), minutes=round((time.monotonic() - started) / 60, 1),
+            settings={k: str(v) for k, v in vars(args).items() if k not in ("out", "work")})]
+        provenance["unet_steps"] = done + unet_steps
+        provenance["unet_loss"] = round(loss, 4)
+        provenance["minutes"] = round(provenance["minutes"] + (time.monotonic() - started) / 60, 1)
+        log(f"UNet: {unet_steps} more steps, final loss (running mean) {loss:.4f}")
+        model.provenance = provenance
+        model.save(args.out, force=True, dtype=torch.float16)
+        save_grid(sample(model, SAMPLE_PROMPTS, torch.Generator().manual_seed(0)), work / "samples_final.png")
+        log(f"wrote {args.out}")
+        return
     if args.start_from is not None:  # phase (a2) only, on a trained model
         from diffedit.model import load
 
