@@ -13,7 +13,8 @@ Three phases, each with its own time budget (or a fixed number of steps, which m
   (b) the text-conditioned latent UNet jointly with the CLIP text encoder: the epsilon loss of DDPM
       (Ho et al. 2020, eq. 14) on SD's noise schedule, with 10% of the captions dropped to the empty prompt
       so the model also learns the unconditional prediction that classifier-free guidance needs
-      (Ho & Salimans 2022). EMA weights are what is saved.
+      (Ho & Salimans 2022). EMA weights are what is saved. `--unet-from MODEL` runs this phase alone on a
+      trained model, going on with the scenes after those it was trained on (a longer run in two sittings).
 Scenes are rendered on the fly from the world (world.py) with the seed. Periodic checkpoints (the full model
 folder, EMA weights) go to <out>.work/checkpoint, together with a sample grid; the final model is written to
 --out with `StableDiffusion.save` (fp16).
