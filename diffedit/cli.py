@@ -245,7 +245,7 @@ def _demo(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> list[str]:
     """The toy benchmark (diffedit/toy/evaluate.py); its table is the result, printed even with --quiet."""
-    _check_outputs(args, files=[args.out])
+    _check_outputs(args, images=[toy_evaluate.sheet_path(args)], files=[args.out])
     for line in toy_evaluate.run(args):
         print(line)
     return []

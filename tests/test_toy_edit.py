@@ -8,12 +8,14 @@ shipped weights (noted next to each) with a margin, and hold for several seeds, 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffedit import edit, generate_mask, invert
 from diffedit.image import to_uint8
@@ -173,3 +175,61 @@ def test_background_away_from_the_mask_is_kept(result) -> None:
     value = psnr(result["edited"], result["image"], result["far"])
     print(f"\n{result['name']}: background PSNR {value:.1f} dB", end=" ")
     assert value >= EDITS[result["name"]][3]
+
+
+# ---- the benchmark's comparisons, its picture and its command -----------------------------------------------------
+def test_compare_is_the_paired_difference() -> None:
+    from diffedit.toy.evaluate import compare
+
+    rows = [dict(p=30.0), dict(p=28.0), dict(p=math.inf), dict(p=None)]
+    others = [dict(p=29.0), dict(p=29.0), dict(p=25.0), dict(p=20.0)]
+    c = compare(rows, others, "p")  # the edits with inf or None are left out: d = [+1, -1]
+    assert c == dict(key="p", count=2, mean=0.0, standard_error=pytest.approx(1.0), higher=1)
+    with pytest.raises(ValueError):
+        compare(rows, others[:2], "p")  # not the same edits
+
+
+def test_contact_sheet_shows_input_target_mask_and_edits() -> None:
+    from diffedit.toy.evaluate import contact_sheet
+
+    pairs = heldout_edit_pairs(2)
+    source, target = render(pairs[0].source)[0], render(pairs[0].target)[0]
+    mask = np.zeros((64, 64), bool)
+    mask[:8, :8] = True
+    rows = [(p, {"ours": (target, mask), "plain": (source, None)}) for p in pairs]
+    sheet = np.asarray(contact_sheet(rows, scale=1))
+    # columns: input, target, ours mask, ours, plain: 5 panels of 64 px, 4 px apart, under a 14 px header
+    assert sheet.shape == (14 + 2 * 68, 5 * 68 - 4, 3)
+    panel = lambda row, col: sheet[14 + row * 68:14 + row * 68 + 64, col * 68:col * 68 + 64]  # noqa: E731
+    assert np.array_equal(panel(0, 0), source) and np.array_equal(panel(0, 1), target)
+    assert np.array_equal(panel(0, 3), target) and np.array_equal(panel(0, 4), source)
+    tinted = panel(0, 2)
+    assert not np.array_equal(tinted[:8, :8], source[:8, :8]) and np.array_equal(tinted[8:], source[8:])
+    assert np.array_equal(panel(1, 0), render(pairs[1].source)[0])
+
+
+def test_eval_command_writes_results_comparisons_and_sheet(tmp_path, capsys) -> None:
+    pytest.importorskip("diffusers")
+    from diffedit.cli import main
+
+    out = tmp_path / "r.json"
+    args = ["eval", "--count", "2", "--steps", "5", "--num-maps", "2", "--out", str(out), "--quiet",
+            "--methods", "diffedit", "diffedit_compat", "encode_decode", "diffusers"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["count"] == 2 and set(results["summary"]) == {"diffedit", "diffedit_compat", "encode_decode",
+                                                                 "diffusers"}
+    assert len(results["edits"]["diffedit"]) == 2
+    assert set(results["comparisons"]) == {"diffedit - diffedit_compat", "diffedit - encode_decode",
+                                           "diffedit - diffusers"}
+    assert "diffedit - diffedit_compat, psnr_background_input:" in printed
+    # diffusers' own pipeline on the exported weights makes the compat mode's masks and (up to float rounding)
+    # its pictures
+    for ours, theirs in zip(results["edits"]["diffedit_compat"], results["edits"]["diffusers"]):
+        assert ours["mask_iou"] == theirs["mask_iou"]
+        assert ours["psnr_background_input"] == pytest.approx(theirs["psnr_background_input"], abs=0.05)
+    sheet = Image.open(tmp_path / "r.png")
+    assert sheet.size == (9 * 132 - 4, 14 + 2 * 132)  # input, target, 3 methods with a mask (x2), encode_decode
+    assert main(args) != 0  # the files exist: nothing is overwritten without --force
+    assert "exists" in capsys.readouterr().err

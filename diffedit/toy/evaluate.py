@@ -21,6 +21,10 @@ the ground-truth edit region `EditPair.mask`; the PSNR outside that region again
 VAE reconstruction (what a perfect latent-space edit can reach); edit success from the pixels (`edit_success`);
 seconds per edit (mask + inversion + edit + VAE, one image at a time, on this machine).
 The "diffusers" row should equal "diffedit_compat" up to float rounding: a check of the compat mode at scale.
+Below the table, the default mode against each other method, edit by edit (`compare`: the paired mean difference
+of background PSNR and its standard error; the spread between edits is far larger than the gaps between methods).
+The JSON has every edit's numbers; a contact sheet (`--sheet`, default beside the JSON as .png) shows the first
+`--sheet-count` edits as pictures: input | ground-truth target | each method's mask and edit.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from diffedit.edit import edit, generate_mask, invert
-from diffedit.image import to_uint8
+from diffedit.image import overlay, to_uint8
 from diffedit.model import StableDiffusion
 from diffedit.toy.world import COLOURS, SHAPES, EditPair, Scene, heldout_edit_pairs, object_mask, render
 from diffedit.toy.world import render_background, to_tensor
@@ -173,7 +177,8 @@ class Settings:
         return source if self.negative == "source" else ""
 
 
-Method = Callable[[StableDiffusion, torch.Tensor, str, str, Settings, int], tuple[np.ndarray, np.ndarray | None]]
+Output = tuple[np.ndarray, np.ndarray | None]  # the edited uint8 (H, W, 3) image, the mask (H, W) bool or None
+Method = Callable[[StableDiffusion, torch.Tensor, str, str, Settings, int], Output]
 
 
 def run_diffedit(model, image, source, target, s: Settings, seed: int, compat: bool = False):
@@ -257,12 +262,14 @@ class DiffusersRunner:
 def evaluate(
     model: StableDiffusion, pairs: Sequence[EditPair], methods: Sequence[str] = METHODS,
     settings: Settings = Settings(), model_dir: str | Path | None = None, progress: bool = True,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = print, on_edit: Callable[[int, EditPair, dict[str, Output]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `methods` on every pair; per-edit records and per-method summaries as a JSON-ready dict.
+    """Run `methods` on every pair; per-edit records, per-method summaries and the paired comparisons of the
+    default mode with the other methods (`compare`) as a JSON-ready dict.
 
     Edit i uses the seed `settings.seed + i` for every stage. "diffusers" needs the model's folder (`model_dir`)
-    and diffusers installed; without them it is skipped with a note.
+    and diffusers installed; without them it is skipped with a note. `on_edit(i, pair, outputs)` sees each
+    edit's pictures as they are made: {method: (edited uint8 image, mask at image resolution or None)}.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -292,11 +299,13 @@ def evaluate(
             image = to_tensor(source_image)[None].to(model.device, model.dtype)
             recon = _reconstruction(model, image)
             background = ~pair.mask
+            outputs: dict[str, Output] = {}
             for name in records:
                 start = time.perf_counter()
                 edited, mask = runners[name](model, image, pair.source.caption, pair.target.caption, settings,
                                              settings.seed + i)
                 seconds = time.perf_counter() - start
+                outputs[name] = (edited, mask)
                 records[name].append(dict(
                     index=i, kind=pair.kind, source=pair.source.caption, target=pair.target.caption,
                     mask_iou=None if mask is None else mask_iou(mask, pair.mask),
@@ -305,14 +314,19 @@ def evaluate(
                     psnr_background_reconstruction=psnr(edited, recon, background),
                     success=edit_success(pair, edited), seconds=seconds,
                 ))
+            if on_edit is not None:
+                on_edit(i, pair, outputs)
             if progress:
                 say(f"[{i + 1}/{len(pairs)}] {pair.kind}: {pair.source.caption!r} -> {pair.target.caption!r}  "
                     + "  ".join(f"{m} {'ok' if r[-1]['success'] else 'no'}" for m, r in records.items()))
     summary = {name: summarise(rows) for name, rows in records.items()}
+    comparisons = {f"diffedit - {name}": compare(records["diffedit"], rows)
+                   for name, rows in records.items() if name != "diffedit" and "diffedit" in records}
     return dict(
         settings=dataclasses.asdict(settings), count=len(pairs), model=str(model_dir) if model_dir else None,
         provenance=model.provenance, device=str(model.device), torch_threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(), notes=notes, summary=summary, edits=records,
+        machine=platform.processor() or platform.machine(), notes=notes, summary=summary, comparisons=comparisons,
+        edits=records,
     )
 
 
@@ -328,6 +342,58 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         subset = [r for r in rows if r["kind"] == kind]
         out[f"success_{kind}"] = mean("success", subset) if subset else None
     return out
+
+
+def compare(rows: Sequence[dict[str, Any]], others: Sequence[dict[str, Any]],
+            key: str = "psnr_background_input") -> dict[str, Any]:
+    """The paired difference rows - others of `key` over the same edits: its mean, the standard error of that
+    mean (sample std / sqrt(n); ~2 of them either side is a 95% interval), in how many edits `rows` is higher,
+    and n. Two methods of nearly equal means can only be told apart this way: the spread between edits
+    (several dB of PSNR) is much larger than the difference. Edits where either value is infinite are left out."""
+    pairs = [(a[key], b[key]) for a, b in zip(rows, others, strict=True)
+             if a[key] is not None and b[key] is not None and math.isfinite(a[key]) and math.isfinite(b[key])]
+    d = np.array([a - b for a, b in pairs], np.float64)
+    return dict(key=key, count=len(d), mean=float(d.mean()) if len(d) else None,
+                standard_error=float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None,
+                higher=int((d > 0).sum()))
+
+
+def format_comparisons(results: dict[str, Any]) -> str:
+    """One line per comparison of `evaluate`'s results."""
+    lines = []
+    for name, c in results.get("comparisons", {}).items():
+        if c["mean"] is None:
+            continue
+        se = "" if c["standard_error"] is None else f" +- {c['standard_error']:.2f}"
+        lines.append(f"{name}, {c['key']}: {c['mean']:+.2f}{se} dB (paired mean +- standard error; "
+                     f"{name.split(' - ')[0]} higher in {c['higher']} of {c['count']} edits)")
+    return "\n".join(lines)
+
+
+def contact_sheet(rows: Sequence[tuple[EditPair, dict[str, Output]]], scale: int = 2) -> Image.Image:
+    """The edits as pictures, one row per edit: input | ground-truth target | for each method its mask over the
+    input (methods with a mask) and its edit; a header names the columns. Images enlarged `scale` x (nearest)."""
+    if not rows:
+        raise ValueError("contact_sheet needs at least one edit")
+    methods = list(rows[0][1])
+    titles = ["input", "target"] + [t for m in methods for t in ((f"{m} mask", m) if rows[0][1][m][1] is not None
+                                                                  else (m,))]
+    size, gap, head = 64 * scale, 4, 14
+    sheet = Image.new("RGB", (len(titles) * (size + gap) - gap, head + len(rows) * (size + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, title in enumerate(titles):
+        draw.text((j * (size + gap) + 2, 1), title[: size // 6], fill=(0, 0, 0))  # the default font: ~6 px a letter
+    for i, (pair, outputs) in enumerate(rows):
+        source = Image.fromarray(render(pair.source)[0])
+        panels = [source, Image.fromarray(render(pair.target)[0])]
+        for m in methods:
+            edited, mask = outputs[m]
+            if mask is not None:
+                panels.append(overlay(source, Image.fromarray(mask.astype(np.uint8) * 255), (255, 0, 255)))
+            panels.append(Image.fromarray(edited))
+        for j, panel in enumerate(panels):
+            sheet.paste(panel.resize((size, size), Image.NEAREST), (j * (size + gap), head + i * (size + gap)))
+    return sheet
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -362,8 +428,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", choices=("source", "empty"), default="source",
                    help="negative prompt of the edit: the source caption (DESIGN.md's recipe) or empty (source)")
     p.add_argument("--seed", type=int, default=0, help="edit i uses seed + i (0)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--sheet", type=Path, default=None,
+                   help="the edits as pictures (input | target | each method's mask and edit); default: --out "
+                        "with .png")
+    p.add_argument("--sheet-count", type=int, default=16, help="edits on the sheet, the first ones (16; 0: none)")
+    p.add_argument("--force", action="store_true", help="overwrite --out and --sheet")
     p.add_argument("--quiet", action="store_true", help="print the table only")
+
+
+def sheet_path(args: argparse.Namespace) -> Path | None:
+    """Where the contact sheet goes: --sheet, else --out with .png; None with --sheet-count 0."""
+    if args.sheet_count == 0:
+        return None
+    return args.sheet if args.sheet is not None else args.out.with_suffix(".png")
 
 
 def run(args: argparse.Namespace):
@@ -371,22 +448,34 @@ def run(args: argparse.Namespace):
     from diffedit.model import load
     from diffedit.toy import WEIGHTS, load_toy_model
 
-    if args.out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists; pass --force to overwrite it")
-    if args.count < 1 or args.max_objects < 1:
-        raise ValueError("--count and --max-objects must be >= 1")
+    if args.count < 1 or args.max_objects < 1 or args.sheet_count < 0:
+        raise ValueError("--count and --max-objects must be >= 1, --sheet-count >= 0")
+    sheet = sheet_path(args)
+    if sheet is not None and sheet.resolve() == args.out.resolve():
+        raise ValueError(f"--sheet and --out are the same file ({sheet})")
+    for path in [args.out] + ([sheet] if sheet is not None else []):
+        if path.exists() and not args.force:
+            raise ValueError(f"{path} exists; pass --force to overwrite it")
     model = load(args.model) if args.model is not None else load_toy_model()
     folder = args.model if args.model is not None else WEIGHTS
     settings = Settings(steps=args.steps, num_maps=args.num_maps, threshold=args.threshold, guidance=args.guidance,
                         negative=args.negative, seed=args.seed)
     pairs = heldout_edit_pairs(args.count, args.max_objects)
+    shown: list[tuple[EditPair, dict[str, Output]]] = []
+    keep = lambda i, pair, outputs: shown.append((pair, outputs)) if i < args.sheet_count else None  # noqa: E731
     results = evaluate(model, pairs, args.methods, settings, folder, progress=not args.quiet,
-                       say=print if not args.quiet else (lambda line: None))
+                       say=print if not args.quiet else (lambda line: None), on_edit=keep)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")  # +inf PSNR is written as Infinity
     yield f"{args.count} held-out edits (max {args.max_objects} objects), {args.steps} steps, model {folder}"
     yield format_table(results)
+    if results["comparisons"]:
+        yield format_comparisons(results)
     yield f"wrote {args.out}"
+    if sheet is not None and shown:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(shown).save(sheet)
+        yield f"wrote {sheet} (the first {len(shown)} edits)"
 
 
 def main(argv: list[str] | None = None) -> int:
