@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-guidance", type=float, default=1.0, help="guidance of the inversion (1: unconditional)")
     p.add_argument("--negative", default=None, help="negative prompt of the edit (default: the source prompt)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the edit (0: deterministic)")
+    p.add_argument("--paste-background", action="store_true",
+                   help="outside the mask, the input's own pixels instead of the decoder's (not in the paper)")
     p.add_argument("--inversion", type=Path, default=None, help="an inversion file written by `diffedit invert`")
     p.add_argument("--mask-out", type=Path, default=None, help="also write the mask (image resolution)")
     p.add_argument("--figure", type=Path, default=None, help="also write input | mask overlay | edit")
@@ -166,7 +168,8 @@ def _edit(args: argparse.Namespace):
                            **start)
     negative = args.source if args.negative is None else args.negative
     result = edit(model, inversion, mask, args.target, negative_prompt=negative, guidance=args.guidance, eta=args.eta,
-                  generator=gen(), diffusers_compat=compat, progress=progress)
+                  generator=gen(), background_image=image if args.paste_background else None,
+                  diffusers_compat=compat, progress=progress)
     edited = result.images[0]
     yield from _save({args.out: edited, args.mask_out: mask.image_mask[0],
                       args.figure: lambda: _figure(image, mask, edited)})

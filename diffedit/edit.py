@@ -251,14 +251,20 @@ def edit(
     negative_prompt: Prompts | None = None, prompt_embeddings: Tensor | None = None,
     negative_embeddings: Tensor | None = None, guidance: float = 7.5, eta: float = 0.0,
     num_images_per_prompt: int = 1, generator: torch.Generator | None = None, clip_skip: int = 0,
-    callback: Callback | None = None, output_type: OutputType = "pil", diffusers_compat: bool = False,
-    progress: bool = True,
+    callback: Callback | None = None, output_type: OutputType = "pil", background_image: ImageInput | None = None,
+    diffusers_compat: bool = False, progress: bool = True,
 ) -> EditResult:
     """§3.3: DDIM decoding from x_r with the query; outside the mask the latent follows the input's encoding.
 
     `mask` is a MaskResult or any binary mask (PIL, numpy, tensor) at latent or image resolution.
     negative_prompt defaults to "" (unconditional); DESIGN.md's recipe passes the source prompt R.
     Steps and strength are the inversion's own, so they cannot disagree.
+
+    `background_image` (off by default; not in the paper, nor in diffusers): the input image(s), whose pixels the
+    output takes outside the mask (the latent mask upsampled, nearest). The latents there are z0's exactly, but
+    the decoder sees the whole picture (its GroupNorm statistics and attention span it), so an edited region
+    shifts the decoded colours of the untouched ones, and the VAE's reconstruction error is everywhere; this
+    pastes the input back instead. `EditResult.latents` stay the latents that were decoded.
     """
     if not isinstance(inversion, Inversion):
         raise TypeError(f"inversion must be the Inversion returned by invert(), got {type(inversion).__name__}")
@@ -268,6 +274,8 @@ def edit(
     _check_callback(callback)
     if output_type not in ("pil", "np", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+    if background_image is not None and output_type == "latent":
+        raise ValueError("background_image is pasted into decoded images: it needs output_type 'pil', 'np' or 'pt'")
     ts = _check_inversion(model, inversion)
     size = tuple(inversion.z0.shape[-2:])
     mask = mask.latent_mask if isinstance(mask, MaskResult) else to_mask(mask, size)
@@ -281,6 +289,7 @@ def edit(
     cond, uncond = per_image(cond), per_image(uncond) if guidance > 1 else None
     # diffusers tiles the masks instead (m0, m1, m0, m1): with k > 1 they land on the wrong images
     mask = (torch.cat([_rows(mask.to(dev), rows)] * k) if diffusers_compat else per_image(mask)).to(model.dtype)
+    original = None if background_image is None else per_image(_background(model, background_image, size, rows))
     x_at = {t: per_image(inversion.latents[:, i]) for i, t in enumerate(ts)}  # the input's encoding, by level
     x_at[-1] = per_image(inversion.z0)  # past the last step: z0 itself
     x = x_at[ts[0]].clone()  # x_r
@@ -294,9 +303,24 @@ def edit(
         if callback is not None:
             callback(dict(i=i, t=t_cur, x=x, pred_x0=step.pred_x0))
     images = x if output_type == "latent" else model.decode_latents(x)  # §3.3: the VAE decodes the result
+    if original is not None:  # the decoded pixels where the latent was edited, the input's elsewhere
+        inside = torch.nn.functional.interpolate(mask.to(images.dtype), size=images.shape[-2:], mode="nearest")
+        images = images * inside + original.to(images.dtype) * (1 - inside)
     if output_type in ("np", "pil"):
         images = to_numpy(images) if output_type == "np" else to_pil(images)
     return EditResult(images, x)
+
+
+def _background(model: StableDiffusion, image: ImageInput, latent_size: tuple[int, ...], rows: int) -> Tensor:
+    """edit()'s background_image as (1 or rows, 3, H, W) in [0, 1], checked against the inversion before any work."""
+    original = to_tensor(image, model.config.vae.downsample_factor)
+    size = tuple(s * model.config.vae.downsample_factor for s in latent_size)
+    if tuple(original.shape[-2:]) != size:
+        raise ValueError(f"background_image is {tuple(original.shape[-2:])} pixels, the inversion's images {size}: "
+                         "pass the image that was inverted")
+    if len(original) not in (1, rows):
+        raise ValueError(f"background_image has {len(original)} images for {rows} rows: give 1 or {rows}")
+    return original
 
 
 # ---- diffusers' mask, numbers included ----------------------------------------------------------------------

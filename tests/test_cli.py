@@ -66,6 +66,17 @@ def test_compat_edit_is_the_library_chain(files, tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 
 
+def test_paste_background_keeps_the_input_outside_the_mask(files, tmp_path: Path) -> None:
+    out, mask_out, plain = tmp_path / "out.png", tmp_path / "mask.png", tmp_path / "plain.png"
+    common = ["--source", "a red square", "--target", "a blue circle", *FAST]
+    assert main(args(files, "edit", *common, "--out", out, "--mask-out", mask_out, "--paste-background")) == 0
+    assert main(args(files, "edit", *common, "--out", plain)) == 0
+    inside = np.asarray(Image.open(mask_out)) > 0
+    assert 0 < inside.mean() < 1
+    pasted, decoded, original = (np.asarray(Image.open(p)) for p in (out, plain, files["image"]))
+    assert np.array_equal(pasted[~inside], original[~inside]) and np.array_equal(pasted[inside], decoded[inside])
+
+
 def test_mask_invert_then_edit_from_the_file(files, tmp_path: Path, capsys) -> None:
     mask, inv = tmp_path / "mask.png", tmp_path / "in.inversion.safetensors"
     assert main(args(files, "mask", "--source", "a red square", "--target", "a blue circle", "--out", mask, *FAST)) == 0

@@ -132,6 +132,25 @@ def test_masks_stay_paired_with_their_images(model, inversion) -> None:
     assert not torch.allclose(compat.latents[1], inversion.latents[0, -1])
 
 
+def test_background_image_is_pasted_outside_the_mask(model, inversion, images) -> None:
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, :, 2:5, 3:7] = 1
+    masks[1, :, 4:, :] = 1
+    kw = dict(eta=1.0, num_images_per_prompt=2, output_type="pt", progress=False)
+    plain = edit(model, inversion, masks, ["a red circle", "a blue square"], generator=seeded(), **kw)
+    pasted = edit(model, inversion, masks, ["a red circle", "a blue square"], background_image=images,
+                  generator=seeded(), **kw)
+    assert torch.equal(pasted.latents, plain.latents)  # the same denoising; only the decoded pixels differ
+    inside = masks.repeat_interleave(2, 0).repeat_interleave(2, -1).repeat_interleave(2, -2).bool().expand(-1, 3, -1, -1)
+    assert torch.equal(pasted.images[inside], plain.images[inside])  # the edit where the mask is
+    originals = images.repeat_interleave(2, 0)  # rows 0, 1 are image 0's two samples, rows 2, 3 image 1's
+    assert torch.equal(pasted.images[~inside], originals[~inside])  # the input's own pixels elsewhere
+    assert not torch.allclose(plain.images[~inside], originals[~inside], atol=1e-3)  # (the decoder alone: not so)
+    one = edit(model, inversion, masks, ["a red circle", "a blue square"], generator=seeded(), background_image=[
+        Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))], **kw)
+    assert one.images.shape == (4, 3, 16, 16)  # one picture for every row
+
+
 def test_mask_and_inversion_share_one_encoding(model, images) -> None:
     mask = generate_mask(model, images, "a bowl of fruits", "a bowl of pears", num_maps=2, generator=seeded(),
                          **FAST)
@@ -272,6 +291,10 @@ def _bad_calls(model, images, inversion):
         "mask shape": (ValueError, lambda: e(mask=torch.zeros(2, 3, 8, 8))),
         "mask type": (TypeError, lambda: e(mask="mask.png")),
         "mask batch": (ValueError, lambda: e(mask=torch.zeros(3, 1, 8, 8))),
+        "background with latents": (ValueError, lambda: e(background_image=images, output_type="latent")),
+        "background size": (ValueError, lambda: e(background_image=torch.rand(2, 3, 24, 24))),
+        "background batch": (ValueError, lambda: e(background_image=torch.rand(3, 3, 16, 16))),
+        "background type": (TypeError, lambda: e(background_image="input.png")),
     }
 
 

@@ -169,6 +169,7 @@ class Settings:
     guidance: float = 7.5
     strength: float = 0.8
     negative: str = "source"  # the edit's negative prompt: "source" (R, DESIGN.md's recipe) or "empty" ("")
+    paste_background: bool = False  # our DiffEdit rows paste the input's pixels outside the mask (edit's option)
     seed: int = 0
 
     def negative_prompt(self, source: str) -> str:
@@ -192,7 +193,8 @@ def run_diffedit(model, image, source, target, s: Settings, seed: int, compat: b
     inversion = invert(model, strength=s.strength, steps=s.steps, generator=gen(), diffusers_compat=compat,
                        progress=False, **start)
     result = edit(model, inversion, mask, target, negative_prompt=s.negative_prompt(source), guidance=s.guidance,
-                  generator=gen(), diffusers_compat=compat, output_type="pt", progress=False)
+                  generator=gen(), background_image=image if s.paste_background else None, diffusers_compat=compat,
+                  output_type="pt", progress=False)
     return to_uint8(result.images)[0], np.asarray(mask.image_mask[0]) > 0
 
 
@@ -427,6 +429,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=3.0, help="mask threshold ratio rho (3.0)")
     p.add_argument("--negative", choices=("source", "empty"), default="source",
                    help="negative prompt of the edit: the source caption (DESIGN.md's recipe) or empty (source)")
+    p.add_argument("--paste-background", action="store_true",
+                   help="our DiffEdit rows (not SDEdit's, not diffusers') paste the input outside the mask")
     p.add_argument("--seed", type=int, default=0, help="edit i uses seed + i (0)")
     p.add_argument("--sheet", type=Path, default=None,
                    help="the edits as pictures (input | target | each method's mask and edit); default: --out "
@@ -459,7 +463,7 @@ def run(args: argparse.Namespace):
     model = load(args.model) if args.model is not None else load_toy_model()
     folder = args.model if args.model is not None else WEIGHTS
     settings = Settings(steps=args.steps, num_maps=args.num_maps, threshold=args.threshold, guidance=args.guidance,
-                        negative=args.negative, seed=args.seed)
+                        negative=args.negative, paste_background=args.paste_background, seed=args.seed)
     pairs = heldout_edit_pairs(args.count, args.max_objects)
     shown: list[tuple[EditPair, dict[str, Output]]] = []
     keep = lambda i, pair, outputs: shown.append((pair, outputs)) if i < args.sheet_count else None  # noqa: E731
