@@ -380,7 +380,7 @@ def contact_sheet(rows: Sequence[tuple[EditPair, dict[str, Output]]], scale: int
     methods = list(rows[0][1])
     titles = ["input", "target"] + [t for m in methods for t in ((f"{m} mask", m) if rows[0][1][m][1] is not None
                                                                   else (m,))]
-    size, gap, head = 64 * scale, 4, 14
+    size, gap, head = rows[0][1][methods[0]][0].shape[0] * scale, 4, 14
     sheet = Image.new("RGB", (len(titles) * (size + gap) - gap, head + len(rows) * (size + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for j, title in enumerate(titles):
