@@ -378,8 +378,10 @@ def main(argv: list[str] | None = None) -> None:
 
         model = load(args.unet_from, device=args.device)
         provenance = model.provenance
-        done = int(provenance["unet_steps"])
-        args.unet_stream_start = done * int(provenance["settings"]["unet_batch"]) // args.unet_batch
+        # a model this script trained says how many scenes it saw; any other starts the stream from its beginning
+        done = int(provenance.get("unet_steps", 0))
+        seen = done * int(provenance.get("settings", {}).get("unet_batch", args.unet_batch))
+        args.unet_stream_start = -(-seen // args.unet_batch)  # whole batches, none of them seen before
         log(f"phase (b), continued from step {done}: {args.unet_minutes} min / {args.unet_steps} steps")
         unet_steps, loss = train_unet(model, args, generator, work)
         provenance["unet_continued"] = provenance.get("unet_continued", []) + [dict(
