@@ -181,15 +181,23 @@ def test_batches_rendered_by_workers_are_the_inline_ones():
     assert not torch.equal(next(inline)[0], a)  # steps move through the stream
 
 
+def stream_offsets(monkeypatch) -> list[int]:
+    """The scene offsets that train.py's phases open their streams at, recorded as they do."""
+    from diffedit.toy import train
+
+    offsets: list[int] = []
+    real = train.batches
+    monkeypatch.setattr(train, "batches", lambda seed, offset, *a: offsets.append(offset) or real(seed, offset, *a))
+    return offsets
+
+
 def test_continued_unet_training_keeps_the_vae_and_goes_on_with_new_scenes(tmp_path, monkeypatch):
     # `train --unet-from MODEL` runs phase (b) only: the UNet and the text encoder move, the VAE is the model's,
     # the provenance adds up the steps, and the scenes are those after the ones the model was trained on
     from diffedit.model import load
     from diffedit.toy import train
 
-    offsets = []
-    real_batches = train.batches
-    monkeypatch.setattr(train, "batches", lambda seed, offset, *a: offsets.append(offset) or real_batches(seed, offset, *a))
+    offsets = stream_offsets(monkeypatch)
     out = tmp_path / "continued"
     train.main(["--unet-from", str(WEIGHTS), "--out", str(out), "--work", str(tmp_path / "work"), "--unet-steps", "2",
           "--unet-batch", "2", "--unet-lr", "1e-3"])
@@ -204,3 +212,18 @@ def test_continued_unet_training_keeps_the_vae_and_goes_on_with_new_scenes(tmp_p
     moved = [n for n, t in before.unet.state_dict().items() if not torch.equal(t, after.unet.state_dict()[n])]
     assert len(moved) > len(before.unet.state_dict()) // 2
     assert (tmp_path / "work" / "samples_final.png").is_file()
+
+
+def test_continued_training_of_a_model_this_script_did_not_train(tmp_path, monkeypatch):
+    # no provenance of ours (a converted or hand-made model): the stream starts at its beginning, no KeyError
+    from diffedit.model import load
+    from diffedit.toy import train
+
+    foreign = load(WEIGHTS)
+    foreign.provenance = {}
+    foreign.save(tmp_path / "foreign")
+    offsets = stream_offsets(monkeypatch)
+    train.main(["--unet-from", str(tmp_path / "foreign"), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                "--unet-steps", "1", "--unet-batch", "2"])
+    assert offsets == [train.UNET_STREAM]
+    assert load(tmp_path / "out").provenance["unet_steps"] == 1

@@ -217,7 +217,9 @@ def train_decoder_locality(model: StableDiffusion, args: argparse.Namespace, gen
 
 
 # ---- phase (b): the UNet and the text encoder ----------------------------------------------------------
-def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torch.Generator, work: Path) -> tuple[int, float]:
+def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torch.Generator, work: Path,
+               first_scene: int = 0) -> tuple[int, float]:
+    """Phase (b) on the UNet stream's scenes from `first_scene` on (a continued run skips those already seen)."""
     unet, text = model.unet.train(), model.text_encoder.train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
@@ -231,8 +233,7 @@ def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torc
             token_cache[c] = tokenize(model.tokenizer, [c], model.config.text.max_length)[0]
         return torch.stack([token_cache[c] for c in captions]).to(args.device)
 
-    # a continued run (--unet-from) goes on with the scenes after those its model was trained on
-    stream = batches(args.seed, UNET_STREAM + args.unet_stream_start * args.unet_batch, args.unet_batch, args.workers)
+    stream = batches(args.seed, UNET_STREAM + first_scene, args.unet_batch, args.workers)
 
     while (progress := budget.progress(step)) < 1:
         for group in opt.param_groups:
@@ -370,7 +371,6 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     generator = torch.Generator().manual_seed(args.seed)
-    args.unet_stream_start = 0
     if args.start_from is not None and args.unet_from is not None:
         raise SystemExit("--from and --unet-from each run one phase: pass one of them")
     if args.unet_from is not None:  # phase (b) only, continuing a trained model
@@ -381,15 +381,14 @@ def main(argv: list[str] | None = None) -> None:
         # a model this script trained says how many scenes it saw; any other starts the stream from its beginning
         done = int(provenance.get("unet_steps", 0))
         seen = done * int(provenance.get("settings", {}).get("unet_batch", args.unet_batch))
-        args.unet_stream_start = -(-seen // args.unet_batch)  # whole batches, none of them seen before
         log(f"phase (b), continued from step {done}: {args.unet_minutes} min / {args.unet_steps} steps")
-        unet_steps, loss = train_unet(model, args, generator, work)
+        unet_steps, loss = train_unet(model, args, generator, work, first_scene=seen)
         provenance["unet_continued"] = provenance.get("unet_continued", []) + [dict(
             steps=unet_steps, loss=round(loss, 4), minutes=round((time.monotonic() - started) / 60, 1),
             settings={k: str(v) for k, v in vars(args).items() if k not in ("out", "work")})]
         provenance["unet_steps"] = done + unet_steps
         provenance["unet_loss"] = round(loss, 4)
-        provenance["minutes"] = round(provenance["minutes"] + (time.monotonic() - started) / 60, 1)
+        provenance["minutes"] = round(provenance.get("minutes", 0.0) + (time.monotonic() - started) / 60, 1)
         log(f"UNet: {unet_steps} more steps, final loss (running mean) {loss:.4f}")
         model.provenance = provenance
         model.save(args.out, force=True, dtype=torch.float16)
