@@ -13,12 +13,20 @@ Everything here is a function of explicit timesteps (t_cur, t_next), never of a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .configs import PredictionType, ScheduleConfig
+from .noise import randn
+
+# The denoiser a sampler calls: (x, t) -> the model's raw output at level t (eps, or v for v-models), guided or not.
+Denoiser = Callable[[Tensor, int], Tensor]
+Callback = Callable[[dict[str, Any]], None]  # gets dict(i, t, x, pred_x0) after every step, k-diffusion style
 
 
 @dataclass(frozen=True)
@@ -147,10 +155,7 @@ def ddim_step(
         if noise is not None and generator is not None:
             raise ValueError("give either a generator or the noise, not both")
         if noise is None:
-            # Drawn on the generator's device so a CPU generator gives the same bits whatever the model's device.
-            device = generator.device if generator is not None else prediction.device
-            noise = torch.randn(prediction.shape, generator=generator, device=device, dtype=prediction.dtype)
-            noise = noise.to(prediction.device)
+            noise = randn(prediction.shape, generator, prediction)
         x_next = x_next + std * noise
     return StepOutput(x_next, x0)
 
@@ -170,3 +175,28 @@ def ddim_inverse_step(
     abar_cur, abar_next = schedule.abar(t_cur), schedule.abar(t_next)
     x0, eps = to_x0_and_eps(prediction, x, abar_cur, schedule.prediction_type)
     return StepOutput(abar_next**0.5 * x0 + (1 - abar_next) ** 0.5 * eps, x0)
+
+
+@torch.no_grad()
+def ddim_sample(
+    schedule: NoiseSchedule,
+    denoiser: Denoiser,
+    x: Tensor,
+    levels: list[int],
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12): from x at levels[0] down through `levels`, then to the clean latent.
+
+    `levels` is descending, e.g. `timesteps(schedule, 50)`; `denoiser(x, t)` returns the model's raw output (read
+    by the schedule's prediction type, so eps- and v-models share the loop).
+    """
+    for i, (t_cur, t_next) in enumerate(tqdm(list(zip(levels, [*levels[1:], -1])), desc="sample", disable=not progress)):
+        step = ddim_step(schedule, denoiser(x, t_cur), x, t_cur, t_next, eta=eta, generator=generator)
+        x = step.x
+        if callback is not None:
+            callback(dict(i=i, t=t_cur, x=x, pred_x0=step.pred_x0))
+    return x

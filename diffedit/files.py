@@ -6,10 +6,16 @@ temporary file behind; a successful one replaces the destination in one `os.repl
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 FILE_MODE = 0o644  # images, masks, inversions and JSON alike: readable by others, as an ordinary `open` makes them
 
@@ -38,3 +44,62 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """`atomic_write` for a UTF-8 text file (JSON records, summaries)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# ---- inversion files ------------------------------------------------------------------------------------------
+INVERSION_FORMAT = "diffedit-inversion-v1"
+_SETTINGS = {"steps": int, "strength": float, "guidance": float, "prediction_type": str, "diffusers_compat": bool}
+
+
+def save_inversion(inversion: Any, path: str | os.PathLike[str], **made_from: str) -> Path:
+    """An Inversion as .safetensors (no pickle): z0, latents, timesteps; the settings and `made_from` (what it was
+    made from: image and model fingerprints, so that `edit --inversion` can refuse a mismatch) as JSON metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"an inversion file is written as .safetensors, not {path.name}")
+    settings = {"format": INVERSION_FORMAT, **{k: getattr(inversion, k) for k in _SETTINGS}}
+    tensors = dict(z0=inversion.z0, latents=inversion.latents, timesteps=torch.tensor(inversion.timesteps))
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in tensors.items()}
+    metadata = {"diffedit": json.dumps(settings), "made_from": json.dumps(made_from)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_inversion(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str]]:
+    """(Inversion, made_from) from a file of `save_inversion`; one clear error for anything else."""
+    from .edit import Inversion
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"inversion {path} is a folder, not an inversion file")
+    if not path.is_file():
+        raise FileNotFoundError(f"inversion file {path} does not exist")
+    not_ours = f"{path} is not a diffedit inversion file ({INVERSION_FORMAT})"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            settings, made_from = json.loads(meta.get("diffedit", "{}")), json.loads(meta.get("made_from", "{}"))
+        tensors = load_file(str(path))
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{not_ours}: {' '.join(str(e).split())}") from None
+    if not isinstance(settings, dict) or settings.pop("format", None) != INVERSION_FORMAT:
+        raise ValueError(not_ours)
+    if sorted(settings) != sorted(_SETTINGS) or sorted(tensors) != ["latents", "timesteps", "z0"]:
+        raise ValueError(f"{not_ours}: its fields are {sorted(settings)} and tensors {sorted(tensors)}")
+    for key, kind in _SETTINGS.items():
+        value = settings[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = settings[key] = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"{not_ours}: {key} is {value!r}, not a {kind.__name__}")
+    if not isinstance(made_from, dict) or not all(isinstance(v, str) for v in made_from.values()):
+        raise ValueError(f"{not_ours}: its made_from record is not a mapping of strings")
+    for key in ("z0", "latents"):
+        if tensors[key].dtype != torch.float32:
+            raise ValueError(f"{path}: {key} is {tensors[key].dtype}, an inversion file holds float32 latents")
+        if not torch.isfinite(tensors[key]).all():
+            raise ValueError(f"{path}: {key} holds NaN or Inf values")
+    if tensors["timesteps"].dtype != torch.int64 or tensors["timesteps"].ndim != 1:
+        raise ValueError(f"{not_ours}: timesteps must be a 1-d int64 tensor")
+    inversion = Inversion(tensors["z0"], tensors["latents"], tuple(tensors["timesteps"].tolist()), **settings)
+    return inversion, made_from

@@ -19,8 +19,8 @@ from transformers import CLIPTokenizer
 
 from .configs import ModelConfig
 from .ddim import NoiseSchedule, eps_from_v
-from .text import Prompts, as_prompt_list, build_text_model, encode_text, load_text_state_dict, load_tokenizer
-from .text import text_state_dict, tokenize
+from .text import PromptEmbeddings, Prompts, as_prompt_list, build_text_model, encode_text, load_text_state_dict
+from .text import load_tokenizer, text_state_dict, tokenize
 from .unet import UNet
 from .vae import AutoencoderKL, DiagonalGaussian
 from .weights import TOKENIZER_DIR, check_state_dict, read_component, read_config, write_model_folder
@@ -53,21 +53,23 @@ class StableDiffusion(nn.Module):
 
     # ---- text -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: Prompts, clip_skip: int = 0) -> Tensor:
-        """Prompts -> (B, 77, D) embeddings in the UNet's dtype."""
+    def encode_prompt(self, prompts: Prompts, clip_skip: int = 0) -> PromptEmbeddings:
+        """Prompts -> their embeddings ((B, 77, D) tokens) in the UNet's dtype, for the UNet or any stage."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass prompt embeddings instead of prompts")
+            raise ValueError("this model has no tokenizer: pass PromptEmbeddings instead of prompts")
         ids = tokenize(self.tokenizer, as_prompt_list(prompts), self.config.text.max_length)
-        return encode_text(self.text_encoder, ids, clip_skip).to(self.dtype)
+        return PromptEmbeddings(encode_text(self.text_encoder, ids, clip_skip).to(self.dtype))
 
-    def check_embeddings(self, embeddings: Tensor, what: str = "prompt embeddings") -> Tensor:
-        """Validate user-given embeddings (B, tokens, cross_attention_dim)."""
-        if not isinstance(embeddings, Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(embeddings).__name__}")
-        dim = self.config.unet.cross_attention_dim
-        if embeddings.ndim != 3 or embeddings.shape[-1] != dim:
-            raise ValueError(f"{what} must have shape (B, tokens, {dim}), got {tuple(embeddings.shape)}")
-        return embeddings.to(self.device, self.dtype)
+    def check_embeddings(self, embeddings: PromptEmbeddings, what: str = "prompt embeddings") -> PromptEmbeddings:
+        """Validate user-given embeddings (tokens (B, tokens, cross_attention_dim), finite) and move them here."""
+        if not isinstance(embeddings, PromptEmbeddings):
+            raise TypeError(f"{what} must be PromptEmbeddings (model.encode_prompt), got {type(embeddings).__name__}")
+        dim, tokens = self.config.unet.cross_attention_dim, embeddings.tokens
+        if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tokens.shape[-1] != dim:
+            raise ValueError(f"{what} must have tokens of shape (B, tokens, {dim}), got {tuple(tokens.shape)}")
+        if not tokens.is_floating_point() or not torch.isfinite(tokens).all():
+            raise ValueError(f"{what} hold NaN, Inf or non-float values")
+        return embeddings.map(lambda v: v.to(self.device, self.dtype))
 
     # ---- images <-> latents -------------------------------------------------------------------------
     @torch.no_grad()
@@ -111,44 +113,47 @@ class StableDiffusion(nn.Module):
 
     # ---- the denoiser -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(
+    def unet_output(
         self,
         x: Tensor,
         t: int | Tensor,
-        cond: Tensor,
-        uncond: Tensor | None = None,
+        cond: PromptEmbeddings,
+        uncond: PromptEmbeddings | None = None,
         guidance: float = 1.0,
         attention_hook: AttentionHook | None = None,
     ) -> Tensor:
-        """The UNet's own output (noise for epsilon models, v for v-models) with classifier-free guidance.
+        """The UNet's raw output (noise for epsilon models, v for v-models) with classifier-free guidance.
 
         guidance g: out = out(uncond) + g (out(cond) - out(uncond)), one batched UNet call on
         [uncond; cond]. g == 1 or uncond None: the conditional output alone (half the work).
         """
         if uncond is None or guidance == 1.0:
-            return self.unet(x, t, cond, attention_hook=attention_hook)
-        if uncond.shape != cond.shape:
-            raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} must have the same shape")
+            return self.unet(x, t, cond.tokens, attention_hook=attention_hook)
+        if uncond.tokens.shape != cond.tokens.shape:
+            raise ValueError(f"uncond {tuple(uncond.tokens.shape)} and cond {tuple(cond.tokens.shape)} must have "
+                             "the same shape")
         t2 = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 else t
-        out_uncond, out_cond = self.unet(torch.cat([x, x]), t2, torch.cat([uncond, cond]), attention_hook).chunk(2)
+        both = PromptEmbeddings.cat([uncond, cond])
+        out_uncond, out_cond = self.unet(torch.cat([x, x]), t2, both.tokens, attention_hook).chunk(2)
         return out_uncond + guidance * (out_cond - out_uncond)
 
     @torch.no_grad()
-    def predict_noise(
+    def noise_estimate(
         self,
         x: Tensor,
         t: int,
-        cond: Tensor,
-        uncond: Tensor | None = None,
+        cond: PromptEmbeddings,
+        uncond: PromptEmbeddings | None = None,
         guidance: float = 1.0,
         attention_hook: AttentionHook | None = None,
     ) -> Tensor:
-        """The guided noise prediction eps(x, t), converted from v for v-models.
+        """The guided noise estimate eps(x, t) whatever the model predicts: `unet_output`, converted from v for
+        v-models.
 
         The conversion is affine with the same coefficients for both CFG branches, so guiding in v and
         converting equals converting and guiding.
         """
-        out = self.predict(x, t, cond, uncond, guidance, attention_hook)
+        out = self.unet_output(x, t, cond, uncond, guidance, attention_hook)
         if self.config.schedule.prediction_type == "v_prediction":
             return eps_from_v(out, x, self.schedule.abar(int(t)))
         return out

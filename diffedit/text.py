@@ -8,10 +8,12 @@ mask, so padding tokens are part of the context. SD 1.x pads with the end token,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +23,46 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .configs import TextConfig
 from .weights import check_state_dict
 
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEmbeddings:
+    """What the UNet is conditioned on for a batch of prompts: `StableDiffusion.encode_prompt` returns it, and every
+    stage takes it wherever it takes a prompt (so a prompt is encoded once and handed on).
+
+    SD 1.x / 2.x condition on the token embeddings alone. A model that needs more (SDXL: a pooled text embedding
+    and size conditioning) adds a field here, and every stage carries it through `map` without a new keyword.
+    """
+
+    tokens: Tensor  # (B, tokens, cross_attention_dim): the sequence the UNet cross-attends to
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, rows: int | slice) -> "PromptEmbeddings":
+        """Some rows of the batch (an int keeps its row dimension)."""
+        return self.map(lambda v: v[rows : rows + 1] if isinstance(rows, int) else v[rows])
+
+    def map(self, f: Callable[[Tensor], Tensor]) -> "PromptEmbeddings":
+        """The same embeddings with `f` applied to every tensor (rows repeated, moved, cast, concatenated)."""
+        changes = {k.name: f(v) for k in dataclasses.fields(self) if isinstance(v := getattr(self, k.name), Tensor)}
+        return dataclasses.replace(self, **changes)
+
+    def equal(self, other: "PromptEmbeddings") -> bool:
+        """Bit-identical tensors in every field (None where both are None)."""
+        pairs = [(getattr(self, k.name), getattr(other, k.name)) for k in dataclasses.fields(self)]
+        return all(a is b or (isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)) for a, b in pairs)
+
+    @staticmethod
+    def cat(items: Sequence["PromptEmbeddings"]) -> "PromptEmbeddings":
+        """The rows of `items` one after another (one batched UNet call for several prompt lists)."""
+        first = items[0]
+        names = [k.name for k in dataclasses.fields(first) if isinstance(getattr(first, k.name), Tensor)]
+        return dataclasses.replace(first, **{k: torch.cat([getattr(e, k) for e in items]) for k in names})
+
+
 Prompts = str | Sequence[str]
+PromptInput = str | Sequence[str] | PromptEmbeddings  # what a stage takes: text, or what encode_prompt returned
 
 
 def build_text_model(config: TextConfig) -> CLIPTextModel:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import EditResult, Inversion, edit, generate_mask, invert
+from diffedit import EditResult, Inversion, InversionRegulariser, PromptEmbeddings, edit, generate_mask, invert
 from diffedit.ddim import ddim_step, timesteps
 from diffedit.edit import binarize
 from diffedit.image import mask_to_pil, overlay, side_by_side, to_mask, to_tensor
@@ -71,7 +71,7 @@ def test_blend_uses_the_noise_level_of_the_step_output(model, inversion) -> None
     ts = list(inversion.timesteps)
     x = inversion.latents[:, 0]
     for t_cur, t_next, background in zip(ts, [*ts[1:], -1], levels):
-        y = ddim_step(model.schedule, model.predict(x, t_cur, cond, uncond, 7.5), x, t_cur, t_next).x
+        y = ddim_step(model.schedule, model.unet_output(x, t_cur, cond, uncond, 7.5), x, t_cur, t_next).x
         x = y * mask + background * (1 - mask)
     assert torch.equal(out.latents, x)
 
@@ -174,13 +174,12 @@ def test_mask_encodes_each_distinct_prompt_once(model, images, monkeypatch, comp
 def test_the_mask_hands_on_its_prompt_embeddings(model, images) -> None:
     mask = generate_mask(model, images, ["a cat", "a dog"], ["a red cat", "a red dog"], num_maps=1, generator=seeded(),
                          **FAST)
-    assert torch.equal(mask.source_embeddings, model.encode_prompt(["a cat", "a dog"]))
+    assert torch.equal(mask.source_embeddings.tokens, model.encode_prompt(["a cat", "a dog"]).tokens)
     inversion = invert(model, latents=mask.latents, **FAST)
     by_text = edit(model, inversion, mask, ["a red cat", "a red dog"], negative_prompt=["a cat", "a dog"],
                    generator=seeded(), output_type="latent", progress=False)
-    handed_on = edit(model, inversion, mask, prompt_embeddings=mask.target_embeddings,
-                     negative_embeddings=mask.source_embeddings, generator=seeded(), output_type="latent",
-                     progress=False)
+    handed_on = edit(model, inversion, mask, mask.target_embeddings, negative_prompt=mask.source_embeddings,
+                     generator=seeded(), output_type="latent", progress=False)
     assert torch.equal(by_text.latents, handed_on.latents)
 
 
@@ -196,11 +195,10 @@ def test_one_image_several_prompts(model, images) -> None:
 def test_embeddings_instead_of_prompts(model, images, inversion) -> None:
     kw = dict(output_type="latent", progress=False)
     by_text = edit(model, inversion, torch.ones(1, 1, 8, 8), "a red circle", negative_prompt="a blue square", **kw)
-    by_embeddings = edit(model, inversion, torch.ones(1, 1, 8, 8), None, **kw,
-                         prompt_embeddings=model.encode_prompt("a red circle"),
-                         negative_embeddings=model.encode_prompt("a blue square"))
+    by_embeddings = edit(model, inversion, torch.ones(1, 1, 8, 8), model.encode_prompt("a red circle"), **kw,
+                         negative_prompt=model.encode_prompt("a blue square"))
     assert torch.equal(by_text.latents, by_embeddings.latents)
-    unconditional = invert(model, images, prompt_embeddings=model.encode_prompt(["", ""]), **FAST)
+    unconditional = invert(model, images, model.encode_prompt(["", ""]), **FAST)
     assert torch.equal(unconditional.latents, inversion.latents)
 
 
@@ -220,9 +218,10 @@ def test_same_seed_same_bits(model, images) -> None:
 
 def test_regulariser_runs_for_v_models_at_batch_two(tokenizer_dir: Path, images) -> None:
     v_model = make_tiny_model(tokenizer_dir, "v_prediction", seed=4)
-    kwargs = dict(guidance=2.0, num_reg_steps=1, lambda_auto_corr=1.0, lambda_kl=1.0, generator=seeded(), **FAST)
+    reg = InversionRegulariser(lambda_auto_corr=1.0, lambda_kl=1.0, num_reg_steps=1)
+    kwargs = dict(guidance=2.0, regulariser=reg, generator=seeded(), **FAST)
     inv = invert(v_model, images, ["a red circle", "a blue square"], **kwargs)
-    plain = invert(v_model, images, ["a red circle", "a blue square"], **{**kwargs, "num_reg_steps": 0})
+    plain = invert(v_model, images, ["a red circle", "a blue square"], **{**kwargs, "regulariser": None})
     assert torch.isfinite(inv.latents).all() and not torch.equal(inv.latents, plain.latents)
     with pytest.raises(ValueError, match="diffusers"):  # diffusers crashes here: nothing to reproduce
         invert(v_model, images, ["a red circle", "a blue square"], diffusers_compat=True, **kwargs)
@@ -255,46 +254,50 @@ def _bad_calls(model, images, inversion):
                                     "progress": False, **kw})
     replaced = lambda **kw: e(inversion=dataclasses.replace(inversion, **kw))  # noqa: E731
     return {
-        "model type": (TypeError, lambda: generate_mask("model", images, "a", "b")),
-        "image type": (TypeError, lambda: m(image="picture.png")),
-        "image shape": (ValueError, lambda: m(image=torch.rand(2, 1, 16, 16))),
-        "image range": (ValueError, lambda: m(image=images * 2)),
-        "image and latents": (ValueError, lambda: i(latents=torch.zeros(2, 4, 8, 8))),
-        "no image": (ValueError, lambda: i(image=None)),
-        "latents shape": (ValueError, lambda: i(image=None, latents=torch.zeros(2, 3, 8, 8))),
-        "image and posterior": (ValueError, lambda: i(posterior=DiagonalGaussian(*torch.zeros(2, 2, 4, 8, 8)))),
-        "posterior type": (TypeError, lambda: i(image=None, posterior=torch.zeros(2, 4, 8, 8))),
-        "prompt type": (TypeError, lambda: m(source_prompt=3)),
-        "prompt and embeddings": (ValueError, lambda: e(prompt_embeddings=torch.zeros(1, 77, 32))),
-        "embeddings shape": (ValueError, lambda: e(prompt=None, prompt_embeddings=torch.zeros(1, 77, 5))),
-        "batch sizes": (ValueError, lambda: m(target_prompt=["a", "b", "c"])),
-        "negative batch": (ValueError, lambda: e(prompt=["a", "b"], negative_prompt=["a", "b", "c"])),
-        "steps": (ValueError, lambda: i(steps=0)),
-        "strength": (ValueError, lambda: i(strength=1.5)),
-        "no step": (ValueError, lambda: i(strength=0.1)),
-        "guidance": (ValueError, lambda: m(guidance=0.5)),
-        "num_maps": (ValueError, lambda: m(num_maps=0)),
-        "threshold": (ValueError, lambda: m(threshold_ratio=0)),
-        "encode_strength": (ValueError, lambda: m(encode_strength=-0.1)),
-        "regulariser": (ValueError, lambda: i(num_reg_steps=-1)),
-        "generator": (TypeError, lambda: i(generator=0)),
-        "callback": (TypeError, lambda: e(callback="print")),
-        "compat flag": (TypeError, lambda: e(diffusers_compat="yes")),
-        "eta": (ValueError, lambda: e(eta=-1.0)),
-        "images per prompt": (ValueError, lambda: e(num_images_per_prompt=0)),
-        "output type": (ValueError, lambda: e(output_type="jpg")),
-        "inversion type": (TypeError, lambda: e(inversion=inversion.latents)),
-        "steps and strength": (ValueError, lambda: replaced(steps=STEPS + 2)),
-        "latents vs timesteps": (ValueError, lambda: replaced(latents=inversion.latents[:, 1:])),
-        "prediction type": (ValueError, lambda: replaced(prediction_type="v_prediction")),
-        "mask values": (ValueError, lambda: e(mask=torch.full((2, 1, 8, 8), 0.5))),
-        "mask shape": (ValueError, lambda: e(mask=torch.zeros(2, 3, 8, 8))),
-        "mask type": (TypeError, lambda: e(mask="mask.png")),
-        "mask batch": (ValueError, lambda: e(mask=torch.zeros(3, 1, 8, 8))),
-        "background with latents": (ValueError, lambda: e(background_image=images, output_type="latent")),
-        "background size": (ValueError, lambda: e(background_image=torch.rand(2, 3, 24, 24))),
-        "background batch": (ValueError, lambda: e(background_image=torch.rand(3, 3, 16, 16))),
-        "background type": (TypeError, lambda: e(background_image="input.png")),
+        "model type": (TypeError, 'model must be a StableDiffusion', lambda: generate_mask("model", images, "a", "b")),
+        "image type": (TypeError, 'images must be a PIL image, a numpy array, a tensor', lambda: m(image="picture.png")),
+        "image shape": (ValueError, r'image tensors must be \(3, H, W\) or \(B, 3, H, W\), got \(2, 1, 16, 16\)', lambda: m(image=torch.rand(2, 1, 16, 16))),
+        "image range": (ValueError, r'image tensors must hold finite values in \[0, 1\]', lambda: m(image=images * 2)),
+        "image and latents": (ValueError, 'exactly one of them', lambda: i(latents=torch.zeros(2, 4, 8, 8))),
+        "no image": (ValueError, 'exactly one of them', lambda: i(image=None)),
+        "latents shape": (ValueError, 'latents must be a float \\(B, 4, h, w\\) tensor', lambda: i(image=None, latents=torch.zeros(2, 3, 8, 8))),
+        "image and posterior": (ValueError, 'exactly one of them', lambda: i(posterior=DiagonalGaussian(*torch.zeros(2, 2, 4, 8, 8)))),
+        "posterior type": (TypeError, 'posterior must be a DiagonalGaussian', lambda: i(image=None, posterior=torch.zeros(2, 4, 8, 8))),
+        "prompt type": (TypeError, 'a prompt must be a string or a list of strings', lambda: m(source_prompt=3)),
+        "embeddings shape": (ValueError, 'prompt embeddings must have tokens of shape \\(B, tokens, 32\\)', lambda: e(prompt=PromptEmbeddings(torch.zeros(1, 77, 5)))),
+        "embeddings not finite": (ValueError, 'NaN, Inf', lambda: e(prompt=PromptEmbeddings(torch.full((1, 77, 32), torch.nan)))),
+        "batch sizes": (ValueError, 'batch sizes must be 1 or equal: images=2, source_prompt=1, target_prompt=3', lambda: m(target_prompt=["a", "b", "c"])),
+        "negative batch": (ValueError, '3 negative prompts for 2 prompts', lambda: e(prompt=["a", "b"], negative_prompt=["a", "b", "c"])),
+        "steps": (ValueError, 'steps must be an integer >= 1, got 0', lambda: i(steps=0)),
+        "strength": (ValueError, 'strength must be a number in \\[0.0, 1.0\\], got 1.5', lambda: i(strength=1.5)),
+        "no step": (ValueError, 'strength=0.1 of 6 steps leaves no step', lambda: i(strength=0.1)),
+        "guidance": (ValueError, 'guidance must be a number >= 1.0, got 0.5', lambda: m(guidance=0.5)),
+        "num_maps": (ValueError, 'num_maps must be an integer >= 1, got 0', lambda: m(num_maps=0)),
+        "threshold": (ValueError, 'threshold_ratio must be a number > 0.0, got 0', lambda: m(threshold_ratio=0)),
+        "encode_strength": (ValueError, 'encode_strength must be a number in \\[0.0, 1.0\\], got -0.1', lambda: m(encode_strength=-0.1)),
+        "regulariser": (ValueError, 'InversionRegulariser.num_reg_steps must be an integer >= 1, got -1', lambda: i(regulariser=InversionRegulariser(num_reg_steps=-1))),
+        "regulariser type": (TypeError, 'regulariser must be an InversionRegulariser', lambda: i(regulariser=dict(num_reg_steps=1))),
+        "generator": (TypeError, 'generator must be a torch.Generator or None, got int', lambda: i(generator=0)),
+        "callback": (TypeError, 'callback must be callable', lambda: e(callback="print")),
+        "attention hook": (TypeError, 'attention_hook must be callable', lambda: e(attention_hook="print")),
+        "compat flag": (TypeError, 'diffusers_compat must be True or False', lambda: e(diffusers_compat="yes")),
+        "eta": (ValueError, 'eta must be a number >= 0.0, got -1.0', lambda: e(eta=-1.0)),
+        "images per prompt": (ValueError, 'num_images_per_prompt must be an integer >= 1, got 0', lambda: e(num_images_per_prompt=0)),
+        "output type": (ValueError, "output_type must be 'pil', 'np', 'pt' or 'latent', got 'jpg'", lambda: e(output_type="jpg")),
+        "inversion type": (TypeError, 'inversion must be the Inversion returned by invert', lambda: e(inversion=inversion.latents)),
+        "steps and strength": (ValueError, 'inconsistent inversion', lambda: replaced(steps=STEPS + 2)),
+        "latents vs timesteps": (ValueError, 'inconsistent inversion', lambda: replaced(latents=inversion.latents[:, 1:])),
+        "prediction type": (ValueError, 'the inversion was made by a v_prediction model, this one is epsilon', lambda: replaced(prediction_type="v_prediction")),
+        "inversion not finite": (ValueError, 'NaN or Inf', lambda: replaced(z0=inversion.z0 * torch.nan)),
+        "latents not finite": (ValueError, 'latents hold NaN or Inf', lambda: i(image=None, latents=torch.full((2, 4, 8, 8), torch.inf))),
+        "mask values": (ValueError, 'mask values must be 0 or 1', lambda: e(mask=torch.full((2, 1, 8, 8), 0.5))),
+        "mask shape": (ValueError, r'a mask must be \(h, w\), \(B, h, w\) or \(B, 1, h, w\), got \(2, 3, 8, 8\)', lambda: e(mask=torch.zeros(2, 3, 8, 8))),
+        "mask type": (TypeError, 'a mask must be a PIL image, a numpy array or a tensor, got str', lambda: e(mask="mask.png")),
+        "mask batch": (ValueError, 'batch sizes must be 1 or equal: inversion=2, mask=3, prompt=1', lambda: e(mask=torch.zeros(3, 1, 8, 8))),
+        "background with latents": (ValueError, 'background_image is pasted into decoded images', lambda: e(background_image=images, output_type="latent")),
+        "background size": (ValueError, "background_image is \\(24, 24\\) pixels, the inversion's images \\(16, 16\\)", lambda: e(background_image=torch.rand(2, 3, 24, 24))),
+        "background batch": (ValueError, 'background_image has 3 images for 2 rows', lambda: e(background_image=torch.rand(3, 3, 16, 16))),
+        "background type": (TypeError, 'images must be a PIL image, a numpy array, a tensor', lambda: e(background_image="input.png")),
     }
 
 
@@ -303,10 +306,10 @@ BAD = list(_bad_calls(None, None, None))
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_rejected_clearly(model, images, inversion, case: str) -> None:
-    error, call = _bad_calls(model, images, inversion)[case]
-    with pytest.raises(error) as info:
+    error, message, call = _bad_calls(model, images, inversion)[case]
+    with pytest.raises(error, match=message) as info:
         call()
-    assert len(str(info.value)) > 10
+    assert len(str(info.value)) > 10 and "\n" not in str(info.value)  # one line
 
 
 # ---- image.py ----------------------------------------------------------------------------------------------
@@ -379,8 +382,8 @@ def test_mask_with_a_shared_negative_skips_the_unconditional_rows(tiny_model) ->
     reference = torch.zeros(1, 1, 8, 8)
     for _ in range(3):
         x = add_noise(tiny_model.schedule, z0, torch.randn(z0.shape, generator=g), result.timestep)
-        eps_q = tiny_model.predict_noise(x, result.timestep, tgt, empty, 5.0)
-        eps_r = tiny_model.predict_noise(x, result.timestep, src, empty, 5.0)
+        eps_q = tiny_model.noise_estimate(x, result.timestep, tgt, empty, 5.0)
+        eps_r = tiny_model.noise_estimate(x, result.timestep, src, empty, 5.0)
         reference += (eps_q - eps_r).abs().mean(1, keepdim=True) / 3
     err = ((result.difference - reference).abs().max() / reference.abs().max()).item()
     assert err <= 1e-5, err

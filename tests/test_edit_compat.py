@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffedit import edit, generate_mask, invert
+from diffedit import InversionRegulariser, edit, generate_mask, invert
 
 from ._reference import diffusers_pipeline, relative_error
 from .conftest import make_tiny_model
@@ -38,7 +38,7 @@ def seeded(seed: int) -> torch.Generator:
 
 # diffusers' default weights (20) are tuned for 64x64 latents; on 8x8 ones they blow the inversion up (on both
 # sides alike), so the regulariser is tested with weights that keep the numbers finite.
-REGULARISER = dict(lambda_auto_corr=1.0, lambda_kl=1.0, num_auto_corr_rolls=3)
+REGULARISER = dict(lambda_auto_corr=1.0, lambda_kl=1.0, num_auto_corr_rolls=3)  # diffusers' keywords, ours alike
 
 CASES = {
     # batch, images per prompt, edit eta, inversion guidance, regulariser steps, the mask's two negative prompts
@@ -72,21 +72,23 @@ def test_chain_matches_diffusers(pair, case: str) -> None:
     reg = dict(num_reg_steps=reg_steps, **REGULARISER)
     theirs_inv = pipe.invert(prompt=sources, image=images, num_inference_steps=STEPS, inpaint_strength=0.8,
                              guidance_scale=inv_guidance, generator=seeded(3), **reg).latents
+    regulariser = InversionRegulariser(**reg) if reg_steps else None
     ours_inv = invert(model, images, sources, steps=STEPS, strength=0.8, guidance=inv_guidance,
-                      generator=seeded(3), **reg, diffusers_compat=True, progress=False)
+                      generator=seeded(3), regulariser=regulariser, diffusers_compat=True, progress=False)
     assert ours_inv.latents.shape == theirs_inv.shape
     image_err = relative_error(ours_inv.latents, theirs_inv)
     # The VAE encoders agree to ~1e-6 at batch 2 (bit for bit at batch 1); the inversion grows that ~10x.
     assert image_err < 10 * RTOL
     # the mask's posterior instead of a second encoder pass: the same z0 draw, so the same bits
     from_mask = invert(model, None, sources, posterior=ours.posterior, steps=STEPS, strength=0.8,
-                       guidance=inv_guidance, generator=seeded(3), **reg, diffusers_compat=True, progress=False)
+                       guidance=inv_guidance, generator=seeded(3), regulariser=regulariser, diffusers_compat=True,
+                       progress=False)
     assert torch.equal(from_mask.latents, ours_inv.latents) and torch.equal(from_mask.z0, ours_inv.z0)
     z0 = ours_inv.z0  # diffusers takes 4-channel "images" as latents, as they are
     theirs_inv = pipe.invert(prompt=sources, image=z0, num_inference_steps=STEPS, inpaint_strength=0.8,
                              guidance_scale=inv_guidance, generator=seeded(3), **reg).latents
     ours_inv = invert(model, latents=z0, prompt=sources, steps=STEPS, strength=0.8, guidance=inv_guidance,
-                      generator=seeded(3), **reg, diffusers_compat=True, progress=False)
+                      generator=seeded(3), regulariser=regulariser, diffusers_compat=True, progress=False)
     inv_err = relative_error(ours_inv.latents, theirs_inv)
     assert inv_err < RTOL
 

@@ -55,7 +55,7 @@ def test_save_load_round_trip(saved: tuple[StableDiffusion, Path]) -> None:
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     x, cond = torch.randn(1, 4, 8, 8), loaded.encode_prompt("a red circle")
-    assert torch.equal(loaded.predict(x, 11, cond), model.predict(x, 11, cond))
+    assert torch.equal(loaded.unet_output(x, 11, cond), model.unet_output(x, 11, cond))
 
 
 def test_no_overwrite_without_force(saved: tuple[StableDiffusion, Path]) -> None:
@@ -108,22 +108,22 @@ def test_classifier_free_guidance_is_one_batched_call(saved: tuple[StableDiffusi
     model, _ = saved
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond, uncond = model.encode_prompt(["a red circle", "a blue square"]), model.encode_prompt(["", ""])
-    e_c, e_u = model.unet(x, 501, cond), model.unet(x, 501, uncond)
-    guided = model.predict(x, 501, cond, uncond, guidance=7.5)
+    e_c, e_u = model.unet(x, 501, cond.tokens), model.unet(x, 501, uncond.tokens)
+    guided = model.unet_output(x, 501, cond, uncond, guidance=7.5)
     assert_rel(guided, e_u + 7.5 * (e_c - e_u))
-    torch.testing.assert_close(model.predict(x, 501, cond, uncond, guidance=1.0), e_c, rtol=0, atol=0)
+    torch.testing.assert_close(model.unet_output(x, 501, cond, uncond, guidance=1.0), e_c, rtol=0, atol=0)
     # per-sample timesteps stay aligned with their rows under CFG batching
     t = torch.tensor([101, 701])
-    rows = [model.predict(x[i : i + 1], int(t[i]), cond[i : i + 1], uncond[i : i + 1], 3.0) for i in range(2)]
-    assert_rel(model.predict(x, t, cond, uncond, 3.0), torch.cat(rows))
+    rows = [model.unet_output(x[i : i + 1], int(t[i]), cond[i : i + 1], uncond[i : i + 1], 3.0) for i in range(2)]
+    assert_rel(model.unet_output(x, t, cond, uncond, 3.0), torch.cat(rows))
 
 
-def test_predict_noise_converts_v(saved: tuple[StableDiffusion, Path]) -> None:
+def test_noise_estimate_converts_v(saved: tuple[StableDiffusion, Path]) -> None:
     model, _ = saved  # a v-prediction model
     x, cond = torch.randn(1, 4, 8, 8), model.encode_prompt("a")
-    v, abar = model.unet(x, 301, cond), model.schedule.abar(301)
+    v, abar = model.unet(x, 301, cond.tokens), model.schedule.abar(301)
     # v = sqrt(abar) eps - sqrt(1 - abar) x0 and x = sqrt(abar) x0 + sqrt(1 - abar) eps => eps below
-    torch.testing.assert_close(model.predict_noise(x, 301, cond), abar.sqrt() * v + (1 - abar).sqrt() * x)
+    torch.testing.assert_close(model.noise_estimate(x, 301, cond), abar.sqrt() * v + (1 - abar).sqrt() * x)
 
 
 def test_images_round_trip_through_latents(saved: tuple[StableDiffusion, Path]) -> None:
@@ -158,10 +158,10 @@ def test_ddim_inversion_then_sampling_returns_to_the_start(tokenizer_dir: Path) 
         ts = timesteps(model.schedule, steps, 0.6)
         x, level = z0, -1
         for t in reversed(ts):  # up: 1, 1 + k, ...
-            x = ddim_inverse_step(model.schedule, model.predict(x, t, cond), x, level, t).x
+            x = ddim_inverse_step(model.schedule, model.unet_output(x, t, cond), x, level, t).x
             level = t
         for t in ts:  # down: the same timesteps, ending at the final alpha (the level of z0)
-            x = ddim_step(model.schedule, model.predict(x, t, cond), x, t, t - step_size(model.schedule, steps)).x
+            x = ddim_step(model.schedule, model.unet_output(x, t, cond), x, t, t - step_size(model.schedule, steps)).x
         errors.append(((x - z0).norm() / z0.norm()).item())
     noised = ((add_noise(model.schedule, z0, torch.randn_like(z0), ts[0]) - z0).norm() / z0.norm()).item()
     assert errors[1] < errors[0] and errors[1] < 0.05 * noised, (errors, noised)
