@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import compat
 from .ddim import timesteps
-from .image import ImageInput, MaskInput, to_mask, to_numpy, to_pil, to_tensor
+from .image import ImageInput, to_mask, to_numpy, to_pil, to_tensor
 from .model import AttentionHook, StableDiffusion
 from .regulariser import InversionRegulariser
 from .rows import to_rows

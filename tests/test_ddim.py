@@ -158,3 +158,28 @@ def test_exact_model_makes_ddim_exact(prediction_type: str) -> None:
 def test_bad_arguments_raise_value_error(call) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+def test_sampler_of_a_v_model_equals_diffusers_ddim_loop(tokenizer_dir) -> None:
+    """toy/train.py's text-to-image sampler (ddim_sample with the raw v output) against the loop of diffusers'
+    StableDiffusionPipeline written out with its DDIMScheduler, on the same v-prediction weights and noise.
+    (Before ddim_sample, train.py fed the converted eps into a step that reads v: wrong for exactly this model.)"""
+    from diffedit.toy.train import sample
+
+    from ._reference import diffusers_pipeline, relative_error
+    from .conftest import make_tiny_model
+
+    model = make_tiny_model(tokenizer_dir, "v_prediction", seed=3)
+    pipe, prompts, steps, guidance = diffusers_pipeline(model), ["a red circle", "a blue square"], 8, 5.0
+    ours = sample(model, prompts, torch.Generator().manual_seed(0), steps=steps, guidance=guidance)
+
+    size = model.config.image_size // model.config.vae.downsample_factor
+    x = torch.randn((2, model.config.unet.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+    context = torch.cat([model.encode_prompt([""] * 2).tokens, model.encode_prompt(prompts).tokens])
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            uncond, cond = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            x = pipe.scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+        theirs = (pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert relative_error(ours, theirs) < 1e-5  # fp32 CPU: the same multiply-adds in another order

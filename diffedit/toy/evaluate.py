@@ -46,115 +46,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffedit.edit import edit, generate_mask, invert
+from diffedit.chain import edit_image
+from diffedit.edit import edit, invert
 from diffedit.image import overlay, to_uint8
 from diffedit.model import StableDiffusion
-from diffedit.toy.world import COLOURS, SHAPES, EditPair, Scene, heldout_edit_pairs, object_mask, render
-from diffedit.toy.world import render_background, to_tensor
+# the metrics (diffedit/toy/metrics.py), re-exported: `evaluate.psnr`, ...
+from diffedit.toy.metrics import classify_shape, colour_pixels, edit_success, mask_iou, mean_colour  # noqa: F401
+from diffedit.toy.metrics import nearest_colour, psnr  # noqa: F401
+from diffedit.toy.world import EditPair, heldout_edit_pairs, render, to_tensor
 
 METHODS = ("diffedit", "diffedit_compat", "sdedit", "encode_decode", "diffusers")
 WITH_MASK = ("diffedit", "diffedit_compat", "diffusers")
-
-
-# ---- metrics: plain functions on numpy arrays -----------------------------------------------------------------
-def mask_iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two boolean masks of the same shape (1.0 when both are empty)."""
-    mask, truth = _bool(mask), _bool(truth)
-    if mask.shape != truth.shape:
-        raise ValueError(f"mask {mask.shape} and truth {truth.shape} differ in shape")
-    union = (mask | truth).sum()
-    return 1.0 if union == 0 else float((mask & truth).sum() / union)
-
-
-def psnr(image: np.ndarray, reference: np.ndarray, region: np.ndarray | None = None, peak: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB, 10 log10(peak^2 / MSE), over the pixels where `region` is True.
-
-    Images are (H, W, C) or (H, W) arrays on the same scale (uint8 0..255 with the default peak); the MSE
-    averages every channel of the selected pixels. Identical pixels give +inf.
-    """
-    a, b = np.asarray(image, np.float64), np.asarray(reference, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"image {a.shape} and reference {b.shape} differ in shape")
-    if region is not None:
-        region = _bool(region)
-        if region.shape != a.shape[:2]:
-            raise ValueError(f"region {region.shape} does not match the image {a.shape}")
-        if not region.any():
-            raise ValueError("psnr over an empty region")
-        a, b = a[region], b[region]
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-def nearest_colour(rgb: Sequence[float], palette: dict[str, tuple[int, int, int]] = COLOURS) -> str:
-    """The name of the palette colour nearest (Euclidean, RGB 0..255) to `rgb`."""
-    rgb = np.asarray(rgb, np.float64)
-    return min(palette, key=lambda name: float(np.sum((rgb - np.asarray(palette[name])) ** 2)))
-
-
-def mean_colour(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """The mean RGB (0..255) of `image` (H, W, 3) over the pixels of `region` (H, W)."""
-    region = _bool(region)
-    if not region.any():
-        raise ValueError("mean colour of an empty region")
-    return np.asarray(image, np.float64)[region].mean(0)
-
-
-def colour_pixels(image: np.ndarray, colour: str, background: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the pixels whose nearest colour, among the world's object colours and the scene's own
-    background at that pixel (`background`, (H, W, 3)), is `colour`."""
-    image = np.asarray(image, np.float64)
-    candidates = [np.broadcast_to(np.asarray(COLOURS[c], np.float64), image.shape) for c in COLOURS]
-    candidates.append(np.asarray(background, np.float64))
-    distances = np.stack([np.sum((image - c) ** 2, -1) for c in candidates])
-    return distances.argmin(0) == list(COLOURS).index(colour)
-
-
-def classify_shape(image: np.ndarray, scene: Scene, index: int) -> str | None:
-    """Which shape does object `index` of `scene` have in `image`? A pixel-level classifier (None: no pixels).
-
-    The object's pixels are those of its colour (`colour_pixels`) inside its bounding box grown by 2 px. Each
-    shape is rendered with the same area and centroid as those pixels (so that a generated shape a little smaller,
-    larger or off-centre is judged by its form, not by its placement); the answer is the shape with the highest
-    IoU. On clean renders it is always right (IoU ~1 against at most ~0.85 for another shape).
-    """
-    obj = scene.objects[index]
-    size = image.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    box = (np.abs(xx - obj.x) <= obj.radius + 2) & (np.abs(yy - obj.y) <= obj.radius + 2)
-    pixels = colour_pixels(image, obj.colour, render_background(scene.background, size)) & box
-    if pixels.sum() < 4:
-        return None
-    area, cx, cy = pixels.sum(), xx[pixels].mean(), yy[pixels].mean()
-    ious = {}
-    for shape in SHAPES:
-        reference = object_mask(dataclasses.replace(obj, shape=shape), size)  # the shape at the object's place
-        scale = math.sqrt(area / reference.sum())  # sizes scale with the radius, areas with its square
-        # the centre that puts the scaled shape's centroid on the pixels' centroid
-        x = cx - (xx[reference].mean() - obj.x) * scale
-        y = cy - (yy[reference].mean() - obj.y) * scale
-        candidate = dataclasses.replace(obj, shape=shape, x=float(x), y=float(y), radius=obj.radius * scale)
-        ious[shape] = mask_iou(pixels, object_mask(candidate, size))
-    return max(ious, key=ious.get)  # type: ignore[arg-type]
-
-
-def edit_success(pair: EditPair, image: np.ndarray) -> bool:
-    """Did `image` (uint8 (H, W, 3)) make the edit of `pair`, judged on pixels?
-
-    colour edits: the mean colour inside the target object's ground-truth mask is nearest, among the world's
-    COLOURS, to the target colour. shape edits: `classify_shape` finds the target shape.
-    """
-    obj = pair.target.objects[pair.index]
-    if pair.kind == "colour":
-        return nearest_colour(mean_colour(image, object_mask(obj, image.shape[0]))) == obj.colour
-    if pair.kind == "shape":
-        return classify_shape(image, pair.target, pair.index) == obj.shape
-    raise ValueError(f"unknown edit kind {pair.kind!r}")
-
-
-def _bool(mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask)
-    return mask > 0 if mask.dtype != bool else mask
 
 
 # ---- the methods: (model, pair's input, R, Q) -> edited uint8 image and mask (image resolution) or None ----------
@@ -183,19 +85,12 @@ Method = Callable[[StableDiffusion, torch.Tensor, str, str, Settings, int], Outp
 
 
 def run_diffedit(model, image, source, target, s: Settings, seed: int, compat: bool = False):
-    """DiffEdit as the CLI runs it: z0 encoded once (compat: diffusers' posterior samples), mask, inversion, edit."""
-    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  (a fresh generator per stage, as the CLI)
-    given = dict(image=image) if compat else dict(latents=model.encode_image(image))
-    mask = generate_mask(model, source_prompt=source, target_prompt=target, num_maps=s.num_maps,
-                         encode_strength=s.mask_strength, threshold_ratio=s.threshold, steps=s.steps,
-                         guidance=s.guidance, generator=gen(), diffusers_compat=compat, progress=False, **given)
-    start = dict(posterior=mask.posterior) if compat else given  # compat: no second encoder pass, same draws
-    inversion = invert(model, strength=s.strength, steps=s.steps, generator=gen(), diffusers_compat=compat,
-                       progress=False, **start)
-    result = edit(model, inversion, mask, target, negative_prompt=s.negative_prompt(source), guidance=s.guidance,
-                  generator=gen(), background_image=image if s.paste_background else None, diffusers_compat=compat,
-                  output_type="pt", progress=False)
-    return to_uint8(result.images)[0], np.asarray(mask.image_mask[0]) > 0
+    """DiffEdit as the CLI runs it (edit_image: z0 encoded once, compat: diffusers' posterior samples)."""
+    result = edit_image(model, image, source, target, seed=seed, steps=s.steps, num_maps=s.num_maps,
+                        mask_strength=s.mask_strength, threshold_ratio=s.threshold, guidance=s.guidance,
+                        strength=s.strength, negative_prompt=s.negative_prompt(source),
+                        paste_background=s.paste_background, output_type="pt", diffusers_compat=compat, progress=False)
+    return to_uint8(result.edit.images)[0], np.asarray(result.mask.image_mask[0]) > 0
 
 
 def run_sdedit(model, image, source, target, s: Settings, seed: int):

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffedit.ddim import add_noise, ddim_step, timesteps
+from diffedit.ddim import add_noise, ddim_sample, timesteps
 from diffedit.model import StableDiffusion
 from diffedit.text import load_tokenizer, tokenize, write_tokenizer
 from diffedit.toy import TOY_CONFIG
@@ -299,11 +299,9 @@ def sample(
     size = model.config.image_size // model.config.vae.downsample_factor
     x = torch.randn((len(prompts), model.config.unet.in_channels, size, size), generator=generator)
     x = x.to(model.device, model.dtype)
-    ts = timesteps(model.schedule, steps)
-    for t_cur, t_next in zip(ts, ts[1:] + [-1]):
-        eps = model.predict_noise(x, t_cur, cond, uncond, guidance)
-        x = ddim_step(model.schedule, eps, x, t_cur, t_next).x
-    return model.decode_latents(x)
+    # the raw output (eps or v): ddim_sample reads it by the model's prediction type
+    denoise = lambda x, t: model.unet_output(x, t, cond, uncond, guidance)  # noqa: E731
+    return model.decode_latents(ddim_sample(model.schedule, denoise, x, timesteps(model.schedule, steps)))
 
 
 def save_grid(images: Tensor, path: Path, scale: int = 4) -> None:
