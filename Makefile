@@ -3,13 +3,13 @@ OUT ?= out
 
 .PHONY: install test test-fast demo toy-model eval notebooks bench clean
 
-install:  ## CPU torch pinned; add the test and notebook extras
-	$(PYTHON) -m pip install "torch==2.13.0" -e ".[test,notebooks]"
+install:  ## CPU torch pinned (an unpinned torch pulls the multi-GB CUDA build); the test and notebook extras
+	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[test,notebooks]"
 
-test:  ## the whole suite (CPU); what CI runs
+test: install  ## installs what the tests need, then the whole suite (CPU); what CI runs
 	$(PYTHON) -m pytest -q
 
-test-fast:  ## skip the full-size SD architectures
+test-fast: install  ## skip the full-size SD architectures
 	$(PYTHON) -m pytest -q -m "not slow"
 
 demo:  ## the main job on the embedded default model

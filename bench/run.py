@@ -134,14 +134,14 @@ def run_ours(sub: Subject, s: Settings, rec: Recorder, compat: bool = True, coun
         # The mask's work is handed on, as a user chaining the stages would: its posterior (compat: diffusers
         # encodes the image again for its own posterior sample) and its prompt embeddings (no text encoder here).
         if compat:
-            inv = invert(m, posterior=mask.posterior, prompt_embeddings=mask.source_embeddings, strength=s.strength,
+            inv = invert(m, prompt=mask.source_embeddings, posterior=mask.posterior, strength=s.strength,
                          guidance=s.inversion_guidance, generator=_gen(3), **common)
         else:  # the paper's recipe: unconditional encoding of the z0 the mask already computed
             inv = invert(m, latents=mask.latents, prompt="", strength=s.strength, guidance=s.inversion_guidance,
                          generator=_gen(3), **common)
     with rec.stage("edit", count_flops):
-        out = edit(m, inv, mask, prompt_embeddings=mask.target_embeddings, negative_embeddings=mask.source_embeddings,
-                   guidance=s.guidance, generator=_gen(4), output_type="np", diffusers_compat=compat, progress=False)
+        out = edit(m, inv, mask, mask.target_embeddings, negative_prompt=mask.source_embeddings, guidance=s.guidance,
+                   generator=_gen(4), output_type="np", diffusers_compat=compat, progress=False)
     return dict(mask=mask.latent_mask[:, 0].cpu().numpy(), latents=inv.latents.float().cpu(), images=out.images,
                 inversion=inv, mask_result=mask)
 

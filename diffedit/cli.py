@@ -14,6 +14,11 @@ and exit with status 2. Outputs are checked before any work starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
 import sys
 import tempfile
 import warnings
@@ -25,8 +30,10 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 
-from .edit import Inversion, MaskResult, edit, generate_mask, invert
-from .image import overlay, side_by_side, to_pil, to_tensor
+from .chain import edit_image
+from .edit import Inversion, MaskResult, generate_mask, invert
+from .files import atomic_write, load_inversion, save_inversion
+from .image import DEFAULT_MAX_PIXELS, overlay, read_image, side_by_side, size_warning, to_pil, to_tensor
 from .model import StableDiffusion, load
 from .toy import evaluate as toy_evaluate
 
@@ -43,42 +50,80 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+# Value types: a bad value is refused by the parser, naming the flag, before any model is loaded.
+def _integer(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float | None = None, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        too_low = value <= low if open_low else value < low
+        if not np.isfinite(value) or too_low or (high is not None and value > high):
+            bounds = f"{'>' if open_low else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text}")
+        return value
+    return parse
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffedit", description="DiffEdit (Couairon et al. 2022) on Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, out_help: str) -> None:
         p.add_argument("--out", required=True, type=Path, help=out_help)
-        p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-        p.add_argument("--steps", type=int, default=None, help="DDIM steps of the full schedule (default 50)")
+        p.add_argument("--seed", type=_integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
+        p.add_argument("--steps", type=_integer(1), default=None, help="DDIM steps of the full schedule (default 50)")
         p.add_argument("--compat", action="store_true", help="reproduce diffusers' pipeline, defects included")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                       help="weights and activations (default fp32; fp16 / bf16 where the device runs them)")
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
         p.add_argument("--quiet", action="store_true", help="no progress bars, no messages")
 
     def inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, type=Path, help="a model folder (python -m weights_convert)")
         p.add_argument("--image", required=True, type=Path, help="the input image")
+        p.add_argument("--max-pixels", type=_integer(0), default=DEFAULT_MAX_PIXELS,
+                       help=f"refuse larger inputs (default {DEFAULT_MAX_PIXELS}; 0: no limit)")
 
     def mask_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", required=True, help="prompt R describing the input image")
         p.add_argument("--target", required=True, help="prompt Q describing the wanted edit")
-        p.add_argument("--mask-strength", type=float, default=0.5, help="noise level of the mask maps (0.5)")
-        p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of mask and edit (7.5)")
-        p.add_argument("--threshold", type=float, default=3.0, help="mask threshold ratio rho (3.0)")
-        p.add_argument("--num-maps", type=int, default=10, help="noise samples averaged into the mask (10)")
+        p.add_argument("--mask-strength", type=_number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
+        p.add_argument("--guidance", type=_number(1), default=7.5, help="classifier-free guidance of mask and edit (7.5)")
+        p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
+        p.add_argument("--num-maps", type=_integer(1), default=10, help="noise samples averaged into the mask (10)")
 
     p = commands.add_parser("edit", help="mask, invert and edit an image")
     inputs(p)
     mask_options(p)
     common(p, "the edited image")
-    p.add_argument("--strength", type=float, default=None, help="encoding ratio r of the inversion (0.8)")
-    p.add_argument("--invert-guidance", type=float, default=1.0, help="guidance of the inversion (1: unconditional)")
+    p.add_argument("--strength", type=_number(0, 1), default=None, help="encoding ratio r of the inversion (0.8)")
+    p.add_argument("--invert-guidance", type=_number(1), default=1.0,
+                   help="guidance of the inversion (1: unconditional)")
     p.add_argument("--negative", default=None, help="negative prompt of the edit (default: the source prompt)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the edit (0: deterministic)")
+    p.add_argument("--eta", type=_number(0), default=0.0, help="DDIM eta of the edit (0: deterministic)")
     p.add_argument("--paste-background", action="store_true",
                    help="outside the mask, the input's own pixels instead of the decoder's (not in the paper)")
     p.add_argument("--inversion", type=Path, default=None, help="an inversion file written by `diffedit invert`")
+    p.add_argument("--ignore-inversion-source", action="store_true",
+                   help="use --inversion even if it was made from another image, model or mode")
     p.add_argument("--mask-out", type=Path, default=None, help="also write the mask (image resolution)")
     p.add_argument("--figure", type=Path, default=None, help="also write input | mask overlay | edit")
 
@@ -92,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     inputs(p)
     common(p, "the inversion file (.safetensors)")
     p.add_argument("--prompt", default="", help="prompt of the inversion (default: unconditional)")
-    p.add_argument("--strength", type=float, default=None, help="encoding ratio r (0.8)")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance of the inversion (1: none)")
+    p.add_argument("--strength", type=_number(0, 1), default=None, help="encoding ratio r (0.8)")
+    p.add_argument("--guidance", type=_number(1), default=1.0, help="guidance of the inversion (1: none)")
 
     p = commands.add_parser("demo", help="edit a shapes-world picture with the shipped toy model (offline, ~10 s)")
     p.add_argument("--out", type=Path, default=Path("diffedit-demo"), help="output folder (diffedit-demo)")
     p.add_argument("--model", type=Path, default=None, help="a toy model folder (default: the shipped weights)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--seed", type=_integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no messages")
 
@@ -123,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(line)
         except (UserError, ValueError, TypeError, OSError, SafetensorError) as e:
             return _fail(e)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            return _fail(UserError(f"out of memory ({type(e).__name__}): try a smaller image (--max-pixels), "
+                                   "--dtype bf16 or another --device"))
         except KeyboardInterrupt:
             print("diffedit: interrupted", file=sys.stderr)
             return 130
@@ -137,62 +185,55 @@ def _fail(error: BaseException) -> int:
 
 # ---- commands (generators of the lines to print) ------------------------------------------------------------
 def _edit(args: argparse.Namespace):
-    _check_outputs(args, images=[args.out, args.mask_out, args.figure])
-    image, model, gen = _load_inputs(args)
-    progress, compat = not args.quiet, args.compat
-    inversion = None
-    if args.inversion is not None:
-        inversion = Inversion.load(args.inversion)
+    _check_outputs(args, images={args.out: "RGB", args.mask_out: "L", args.figure: "RGB"},
+                   inputs=[args.image, args.inversion])
+    inversion, made_from = (None, {}) if args.inversion is None else load_inversion(args.inversion)
+    if inversion is not None:
         for name, given, saved in (("--steps", args.steps, inversion.steps),
                                    ("--strength", args.strength, inversion.strength)):
             if given is not None and given != saved:
                 raise UserError(f"{name} {given} disagrees with the inversion file ({saved}); leave it out")
-        latent_size = tuple(s // model.config.vae.downsample_factor for s in image.shape[-2:])
-        if tuple(inversion.z0.shape[-2:]) != latent_size or len(inversion.z0) != 1:
-            raise UserError(f"{args.inversion} was made from another image size than {args.image}'s")
-        z0 = inversion.z0
-    elif not compat:
-        z0 = model.encode_image(image)  # §3.1: encoded once (posterior mean), shared by mask and inversion
-    else:
-        z0 = None  # diffusers encodes the image anew in each stage, with a posterior sample
-    given = dict(image=image) if z0 is None else dict(latents=z0)
     steps = inversion.steps if inversion is not None else args.steps or 50
-    mask = generate_mask(model, source_prompt=args.source, target_prompt=args.target, num_maps=args.num_maps,
-                         encode_strength=args.mask_strength, threshold_ratio=args.threshold, steps=steps,
-                         guidance=args.guidance, generator=gen(), diffusers_compat=compat, progress=progress, **given)
-    if inversion is None:
-        # compat: the image's posterior from the mask stage, sampled anew as diffusers does (no second encoding)
-        start = dict(posterior=mask.posterior) if mask.posterior is not None else given
-        inversion = invert(model, strength=0.8 if args.strength is None else args.strength, steps=steps,
-                           guidance=args.invert_guidance, generator=gen(), diffusers_compat=compat, progress=progress,
-                           **start)
-    negative = args.source if args.negative is None else args.negative
-    result = edit(model, inversion, mask, args.target, negative_prompt=negative, guidance=args.guidance, eta=args.eta,
-                  generator=gen(), background_image=image if args.paste_background else None,
-                  diffusers_compat=compat, progress=progress)
-    edited = result.images[0]
+    strength = 0.8 if args.strength is None else args.strength
+    _check_levels(steps, **{"--mask-strength": args.mask_strength, "--strength": strength})
+    image, model = _load_inputs(args)
+    if inversion is not None:
+        _check_inversion_source(args, inversion, made_from, image, model)
+    result = edit_image(model, image, args.source, args.target, seed=args.seed, steps=steps, num_maps=args.num_maps,
+                        mask_strength=args.mask_strength, threshold_ratio=args.threshold, guidance=args.guidance,
+                        strength=strength, invert_guidance=args.invert_guidance, negative_prompt=args.negative,
+                        eta=args.eta, inversion=inversion, paste_background=args.paste_background,
+                        diffusers_compat=args.compat, progress=not args.quiet)
+    edited, mask = result.edit.images[0], result.mask
     yield from _save({args.out: edited, args.mask_out: mask.image_mask[0],
                       args.figure: lambda: _figure(image, mask, edited)})
 
 
 def _mask(args: argparse.Namespace):
-    _check_outputs(args, images=[args.out, args.figure])
-    image, model, gen = _load_inputs(args)
+    _check_outputs(args, images={args.out: "L", args.figure: "RGB"}, inputs=[args.image])
+    steps = args.steps or 50
+    _check_levels(steps, **{"--mask-strength": args.mask_strength})
+    image, model = _load_inputs(args)
     mask = generate_mask(model, image, args.source, args.target, num_maps=args.num_maps,
-                         encode_strength=args.mask_strength, threshold_ratio=args.threshold, steps=args.steps or 50,
-                         guidance=args.guidance, generator=gen(), diffusers_compat=args.compat, progress=not args.quiet)
+                         encode_strength=args.mask_strength, threshold_ratio=args.threshold, steps=steps,
+                         guidance=args.guidance, generator=_generator(args.seed), diffusers_compat=args.compat,
+                         progress=not args.quiet)
     covered = mask.latent_mask.mean().item()
     yield from _save({args.out: mask.image_mask[0], args.figure: lambda: _figure(image, mask)})
     yield f"the mask covers {covered:.0%} of the image"
 
 
 def _invert(args: argparse.Namespace):
-    _check_outputs(args, files=[args.out])
-    image, model, gen = _load_inputs(args)
-    inversion = invert(model, image, args.prompt, strength=0.8 if args.strength is None else args.strength,
-                       steps=args.steps or 50, guidance=args.guidance, generator=gen(), diffusers_compat=args.compat,
-                       progress=not args.quiet)
-    yield from _save({args.out: inversion})
+    if args.out.suffix != ".safetensors":
+        raise UserError(f"--out {args.out}: an inversion file is written as .safetensors")
+    _check_outputs(args, files=[args.out], inputs=[args.image])
+    steps, strength = args.steps or 50, 0.8 if args.strength is None else args.strength
+    _check_levels(steps, **{"--strength": strength})
+    image, model = _load_inputs(args)
+    inversion = invert(model, image, args.prompt, strength=strength, steps=steps, guidance=args.guidance,
+                       generator=_generator(args.seed), diffusers_compat=args.compat, progress=not args.quiet)
+    save_inversion(inversion, args.out, **_fingerprints(image, model))
+    yield f"wrote {args.out}"
 
 
 def _demo(args: argparse.Namespace):
@@ -201,7 +242,7 @@ def _demo(args: argparse.Namespace):
     from .toy.world import Background, Obj, Scene, edit_object, render
 
     files = {name: args.out / f"{name}.png" for name in ("input", "mask", "edit", "figure")}
-    _check_outputs(args, images=list(files.values()))
+    _check_outputs(args, images={path: "RGB" for path in files.values()})
     try:
         model = load(args.model) if args.model is not None else load_toy_model()
     except FileNotFoundError:
@@ -216,16 +257,10 @@ def _demo(args: argparse.Namespace):
     target = edit_object(scene, 1, colour="red")
     source_prompt, target_prompt = scene.caption, target.caption
     picture, truth = render(scene)
-    image, progress = to_tensor(picture), not args.quiet  # as `diffedit edit` reads input.png: same bits
-    # exactly what `diffedit edit` does with its defaults: z0 encoded once, a fresh seeded generator per stage
-    gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-    z0 = model.encode_image(image)
-    mask = generate_mask(model, source_prompt=source_prompt, target_prompt=target_prompt, latents=z0, generator=gen(),
-                         progress=progress)
-    inversion = invert(model, latents=z0, generator=gen(), progress=progress)
-    result = edit(model, inversion, mask, target_prompt, negative_prompt=source_prompt, generator=gen(),
-                  progress=progress)
-    edited = result.images[0]
+    # exactly what `diffedit edit` does with its defaults (the same call), on the picture as it reads input.png
+    result = edit_image(model, to_tensor(picture), source_prompt, target_prompt, seed=args.seed,
+                        progress=not args.quiet)
+    edited, mask = result.edit.images[0], result.mask
     m, folder = toy_evaluate, args.model or WEIGHTS  # m: the benchmark's metric functions
     predicted, pixels = np.asarray(mask.image_mask[0]) > 0, np.asarray(edited)
     colour = m.nearest_colour(m.mean_colour(pixels, truth[1]))
@@ -248,7 +283,7 @@ def _demo(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> list[str]:
     """The toy benchmark (diffedit/toy/evaluate.py); its table is the result, printed even with --quiet."""
-    _check_outputs(args, images=[toy_evaluate.sheet_path(args)], files=[args.out])
+    _check_outputs(args, images={toy_evaluate.sheet_path(args): "RGB"}, files=[args.out])
     for line in toy_evaluate.run(args):
         print(line)
     return []
@@ -273,46 +308,133 @@ def _smoke_demo(args: argparse.Namespace, files: dict[str, Path]):
     s = TINY.image_size
     picture = Image.new("RGB", (s, s), (40, 60, 200))  # a red disc on blue
     ImageDraw.Draw(picture).ellipse((s // 4, s // 4, 3 * s // 4, 3 * s // 4), fill=(220, 30, 30))
-    image, progress = to_tensor(picture), not args.quiet
-    z0 = model.encode_image(image)
-    mask = generate_mask(model, source_prompt="a red circle", target_prompt="a green square", latents=z0, num_maps=4,
-                         steps=10, generator=torch.Generator().manual_seed(0), progress=progress)
-    inversion = invert(model, latents=z0, steps=10, progress=progress)
-    result = edit(model, inversion, mask, "a green square", negative_prompt="a red circle",
-                  generator=torch.Generator().manual_seed(0), progress=progress)
-    edited = result.images[0]
+    image = to_tensor(picture)
+    result = edit_image(model, image, "a red circle", "a green square", num_maps=4, steps=10, progress=not args.quiet)
+    mask = result.mask
+    edited = result.edit.images[0]
     yield from _save({files["input"]: to_pil(image)[0], files["mask"]: mask.image_mask[0],
                       files["edit"]: edited, files["figure"]: lambda: _figure(image, mask, edited)})
     yield banner
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-def _check_outputs(args: argparse.Namespace, images: list[Path | None] = (), files: list[Path | None] = ()) -> None:
-    """Fail before any work if an output exists (without --force), repeats, or is an image of unknown type."""
-    images, files = [p for p in images if p is not None], [p for p in files if p is not None]
-    given = images + files
+def _check_outputs(args: argparse.Namespace, images: dict[Path | None, str] | None = None,
+                   files: list[Path | None] = (), inputs: list[Path | None] = ()) -> None:
+    """Fail before any work if an output exists (without --force), repeats, is an input, has a parent that is a
+    file, or is an image whose format (from its extension) cannot hold the picture (`images` maps path -> mode)."""
+    images = {p: mode for p, mode in (images or {}).items() if p is not None}
+    given = list(images) + [p for p in files if p is not None]
     if len({p.resolve() for p in given}) != len(given):
         raise UserError("two outputs have the same path")
+    model = getattr(args, "model", None)
+    protected = {p.resolve() for p in inputs if p is not None}
     for path in given:
+        if path.resolve() in protected:
+            raise UserError(f"{path} is an input of this command: write the output elsewhere")
+        if model is not None and Path(model).resolve() in path.resolve().parents:
+            raise UserError(f"{path} is inside the model folder {model}: write the output elsewhere")
         if path.is_dir():
             raise UserError(f"{path} is a folder, not a file")
-        if path.exists() and not args.force:
+        if (path.exists() or path.is_symlink()) and not args.force:
             raise UserError(f"{path} exists; pass --force to overwrite it")
-    for path in images:
-        if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
-            raise UserError(f"cannot tell the image format of {path} from its extension (use .png, .jpg, ...)")
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write {path}: {parent} is not writable")
+    for path, mode in images.items():
+        _check_image_format(path, mode)
 
 
-def _load_inputs(args: argparse.Namespace):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if not args.image.is_file():
-        raise UserError(f"image {args.image} does not exist")
-    with Image.open(args.image) as im:
-        picture = im.convert("RGB")
-    model = load(args.model, device=device)
-    image = to_tensor(picture, model.config.vae.downsample_factor)
-    # one fresh generator per stage: each stage's draws depend on the seed only (CPU: same bits anywhere)
-    return image, model, lambda: torch.Generator().manual_seed(args.seed)
+def _check_image_format(path: Path, mode: str) -> None:
+    """The extension names a format that PIL can write a `mode` picture in (tried on a 8x8 picture)."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise UserError(f"cannot tell the image format of {path} from its extension (use .png, .jpg, ...)")
+    try:
+        Image.new(mode, (8, 8)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: the {fmt} format cannot hold this picture ({e}); use .png") from None
+
+
+def _check_levels(steps: int, **strengths: float) -> None:
+    for flag, value in strengths.items():
+        if int(steps * value) < 1:
+            raise UserError(f"{flag} {value} of {steps} steps leaves no step: int(steps * strength) must be >= 1")
+
+
+def _device(name: str) -> torch.device:
+    """--device as a torch device this torch can run, or one clear line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: diffedit runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this torch has no CUDA device (CPU-only build or no GPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype, after trying a convolution in it on the device: refused in one line where it cannot run."""
+    dtype = DTYPES[name]
+    try:
+        x = torch.zeros(1, 1, 4, 4, dtype=dtype, device=device)
+        torch.nn.functional.conv2d(x, torch.zeros(1, 1, 3, 3, dtype=dtype, device=device))
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"--dtype {name} does not run on {device}: {' '.join(str(e).split())[:120]}") from None
+    return dtype
+
+
+def _load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, StableDiffusion]:
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    picture = read_image(args.image, max_pixels=args.max_pixels or None)
+    model = load(args.model, device=device, dtype=dtype)
+    warning = size_warning(picture.width, picture.height, model.config.image_size)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=2)
+    return to_tensor(picture, model.config.vae.downsample_factor), model
+
+
+def _generator(seed: int) -> torch.Generator:
+    # one fresh generator per stage (edit_image does the same): each stage's draws depend on the seed only
+    return torch.Generator().manual_seed(seed)
+
+
+def _fingerprints(image: torch.Tensor, model: StableDiffusion) -> dict[str, str]:
+    """What an inversion file records of its making, for `edit --inversion` to check: the picture as the model
+    sees it (after any resizing) and the model (its config and provenance, as in model.json)."""
+    record = json.dumps({"config": dataclasses.asdict(model.config), "provenance": model.provenance},
+                        sort_keys=True, default=str)
+    return {"image_sha256": hashlib.sha256(image.cpu().numpy().tobytes()).hexdigest(),
+            "model_sha256": hashlib.sha256(record.encode()).hexdigest()}
+
+
+def _check_inversion_source(args: argparse.Namespace, inversion: Inversion, made_from: dict[str, str],
+                            image: torch.Tensor, model: StableDiffusion) -> None:
+    latent_size = tuple(s // model.config.vae.downsample_factor for s in image.shape[-2:])
+    if tuple(inversion.z0.shape[-2:]) != latent_size or len(inversion.z0) != 1:
+        raise UserError(f"{args.inversion} was made from another image size than {args.image}'s")
+    if args.ignore_inversion_source:
+        return
+    now = {**_fingerprints(image, model), "compat": str(args.compat)}
+    was = {**made_from, "compat": str(inversion.diffusers_compat)}
+    what = {"image_sha256": f"another image than {args.image}", "model_sha256": f"another model than {args.model}",
+            "compat": "--compat" if inversion.diffusers_compat else "the default mode (no --compat)"}
+    for key, description in what.items():
+        if key not in was:
+            raise UserError(f"{args.inversion} does not record its {key.split('_')[0]}; pass "
+                            "--ignore-inversion-source to use it anyway")
+        if was[key] != now[key]:
+            raise UserError(f"{args.inversion} was made from {description}; pass --ignore-inversion-source to use "
+                            "it anyway")
 
 
 def _figure(image: torch.Tensor, mask: MaskResult, edited: Image.Image | None = None) -> Image.Image:
@@ -322,12 +444,12 @@ def _figure(image: torch.Tensor, mask: MaskResult, edited: Image.Image | None = 
 
 
 def _save(things: dict[Path | None, Any]):
-    """Write each image / inversion (a callable is called first: figures are made only when asked for)."""
+    """Write each image atomically (a callable is called first: figures are made only when asked for)."""
     for path, thing in things.items():
         if path is None:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (thing() if callable(thing) else thing).save(path)
+        picture = thing() if callable(thing) else thing
+        atomic_write(path, lambda tmp: picture.save(tmp, format=Image.registered_extensions()[path.suffix.lower()]))
         yield f"wrote {path}"
 
 

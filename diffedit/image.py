@@ -8,8 +8,10 @@ neighbours. Figures (mask overlays, side-by-side strips) are plain PIL, no plott
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -177,3 +179,41 @@ def side_by_side(
         figure.paste(im, (x, 0))
         x += im.width + gap
     return figure
+
+
+# ---- reading a picture the user names -------------------------------------------------------------------------
+# 64 Mpx: four times a 4096 x 4096 picture, far past any SD model's native size (512-1024 px), yet well below the
+# size whose VAE activations exhaust a 24 GB machine (see `size_warning`).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB picture from a file, or one clear line saying why not (missing, a folder, unreadable, too large)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit below, with its flag named; PIL's would fire first
+        with Image.open(path) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(f"image {path} has {width} x {height} = {width * height} pixels, above the limit of "
+                                 f"{max_pixels} (--max-pixels)")
+            return im.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path} is not a readable picture: {' '.join(str(e).split())}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def size_warning(width: int, height: int, native_size: int) -> str | None:
+    """A warning above the model's native size, with the expected peak memory: the VAE decoder's largest
+    activations are ~3 tensors of 128 channels at full resolution (fp32), 128 * 3 * 4 = 1536 bytes a pixel."""
+    if width * height <= native_size * native_size:
+        return None
+    gib = width * height * 1536 / 2**30
+    return (f"the image is {width} x {height}, above the model's native {native_size} x {native_size}: expect "
+            f"slow steps and about {gib:.1f} GiB for the VAE alone")

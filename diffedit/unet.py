@@ -130,17 +130,17 @@ class Attention(nn.Module):
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             # SD 2.1-v's q.k logits overflow fp16; the whole attention is computed in fp32 instead.
             q, k, v = q.float(), k.float(), v.float()
-        if hook is None:
-            out = F.scaled_dot_product_attention(q, k, v)  # default scale d^-0.5; fused, no probs tensor
-        else:
+        edited = None
+        if hook is not None:  # the probabilities made explicit for the hook (the fused kernel never forms them)
             probs = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)
             edited = hook(probs, context is not None, self.place)
-            if edited is not None:
-                if edited.shape != probs.shape:
-                    raise ValueError(f"attention hook at {self.place} returned shape {tuple(edited.shape)}, "
-                                     f"expected {tuple(probs.shape)}")
-                probs = edited.to(probs.dtype)
-            out = probs @ v
+            if edited is not None and edited.shape != probs.shape:
+                raise ValueError(f"attention hook at {self.place} returned shape {tuple(edited.shape)}, "
+                                 f"expected {tuple(probs.shape)}")
+        if edited is None:  # no hook, or one that only reads: the fused kernel, so the output is bit-identical
+            out = F.scaled_dot_product_attention(q, k, v)  # default scale d^-0.5; fused, no probs tensor
+        else:
+            out = edited.to(q.dtype) @ v
         return self.out(out.to(dtype).transpose(1, 2).flatten(2))
 
 

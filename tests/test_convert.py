@@ -496,9 +496,9 @@ def test_round_trip_is_bit_identical_and_diffusers_loads_the_export(tmp_path: Pa
     assert torch.equal(ids, tokenize(model.tokenizer, prompt, 77))  # the tokenizer travels unchanged
     with torch.no_grad():
         cond = model.encode_prompt("a photo of a bowl of pears")
-        assert relative_error(cond, pipe.text_encoder(ids).last_hidden_state) <= RTOL
+        assert relative_error(cond.tokens, pipe.text_encoder(ids).last_hidden_state) <= RTOL
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        assert relative_error(model.unet(x, 301, cond), pipe.unet(x, 301, cond).sample) <= RTOL
+        assert relative_error(model.unet(x, 301, cond.tokens), pipe.unet(x, 301, cond.tokens).sample) <= RTOL
         assert relative_error(model.vae.decode(x), pipe.vae.decode(x).sample) <= RTOL
 
     # and back again: ours -> diffusers -> ours gives our tensors bit for bit

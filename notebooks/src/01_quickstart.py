@@ -95,3 +95,16 @@ show([image[0], reconstruction[0], result.images[0]], ["input", "VAE reconstruct
 outside = mask.latent_mask == 0
 same = torch.equal(result.latents[outside.expand_as(result.latents)], inversion.z0[outside.expand_as(inversion.z0)])
 print(f"final latent outside the mask is exactly the input's z0: {same}")
+
+# %% [markdown]
+# ## The three steps in one call
+# `edit_image` runs exactly these three calls (z0 encoded once, the source as the edit's negative prompt, a
+# generator seeded with `seed` for each stage). **Paper:** the method is these three steps and nothing else.
+# **Toy model:** the one call gives the same latents, bit for bit, as the three cells above.
+
+# %%
+from diffedit import edit_image
+
+chained = edit_image(model, image, SOURCE, TARGET, seed=SEED, steps=STEPS, output_type="pt", progress=False)
+print("edit_image == the three calls, bit for bit:", torch.equal(chained.edit.latents, result.latents))
+show([image[0], chained.mask.latent_mask[0], chained.edit.images[0]], ["input", "mask", "edit_image"])

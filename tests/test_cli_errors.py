@@ -1,0 +1,168 @@
+"""Hardening of the `diffedit` command: one-line errors (exit 2) for bad values, devices, files and outputs, all
+before the model is loaded; atomic outputs; inversion files tied to what they were made from."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import diffedit.cli as cli
+from diffedit.cli import main
+from diffedit.files import atomic_write
+
+from .conftest import make_tiny_model
+from .test_cli import FAST, one_line_error
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-errors")
+    make_tiny_model(tokenizer_dir, "epsilon", seed=7).save(root / "model")
+    picture = Image.new("RGB", (16, 16), (30, 60, 200))
+    picture.paste((220, 20, 20), (4, 4, 12, 12))
+    picture.save(root / "in.png")
+    other = Image.new("RGB", (16, 16), (200, 200, 20))
+    other.save(root / "other.png")
+    (root / "truncated.png").write_bytes((root / "in.png").read_bytes()[:40])
+    (root / "folder").mkdir()
+    (root / "a-file").write_text("not a folder")
+    return {"root": root, "model": root / "model", "image": root / "in.png"}
+
+
+def edit_args(files: dict[str, Path], *rest: str | Path, image: Path | None = None) -> list[str]:
+    return ["edit", "--model", str(files["model"]), "--image", str(image or files["image"]), "--source", "a red square",
+            "--target", "a blue square", *FAST, *map(str, rest)]
+
+
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*a, **kw):
+        raise AssertionError("the model was loaded before the bad input was refused")
+    monkeypatch.setattr(cli, "load", refuse)
+
+
+BAD_VALUES = {  # (extra arguments, words of the message); all refused by the parser or before loading
+    "steps 0": (["--steps", "0"], ["--steps", "must be an integer >= 1, got 0"]),
+    "strength": (["--strength", "1.5"], ["--strength", "must be a number in [0, 1], got 1.5"]),
+    "eta": (["--eta", "-1"], ["--eta", "must be a number >= 0, got -1"]),
+    "threshold": (["--threshold", "0"], ["--threshold", "must be a number > 0"]),
+    "guidance": (["--guidance", "0.5"], ["--guidance", "must be a number >= 1"]),
+    "num maps": (["--num-maps", "0"], ["--num-maps"]),
+    "seed 2**64": (["--seed", str(2**64)], ["--seed", "must be an integer in [0, 9223372036854775807]"]),
+    "seed text": (["--seed", "abc"], ["--seed", "must be an integer, got 'abc'"]),
+    "no step": (["--steps", "2", "--strength", "0.2"], ["--strength 0.2 of 2 steps leaves no step"]),
+    "dtype": (["--dtype", "fp8"], ["--dtype", "invalid choice"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_fail_fast_naming_the_flag(files, tmp_path, capsys, monkeypatch, case: str) -> None:
+    extra, words = BAD_VALUES[case]
+    no_model_load(monkeypatch)
+    start = time.perf_counter()
+    assert main(edit_args(files, "--out", tmp_path / "o.png", *extra)) == 2
+    assert time.perf_counter() - start < 1.0
+    one_line_error(capsys, *words)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device, words", [
+    ("banana", ["--device 'banana' is not a device"]), ("mps", ["diffedit runs on cpu or cuda, not mps"]),
+    ("meta", ["diffedit runs on cpu or cuda, not meta"]),
+    ("cuda", ["--device cuda: this torch has no CUDA device"]),
+])
+def test_bad_devices_are_one_line(files, tmp_path, capsys, monkeypatch, device: str, words: list[str]) -> None:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    no_model_load(monkeypatch)
+    assert main(edit_args(files, "--out", tmp_path / "o.png", "--device", device)) == 2
+    one_line_error(capsys, *words)
+
+
+def test_bad_outputs_are_refused_before_any_work(files, tmp_path, capsys, monkeypatch) -> None:
+    no_model_load(monkeypatch)
+    root = files["root"]
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    cases = {
+        "out is the input": ([files["image"]], "is an input of this command"),
+        "xbm cannot hold RGB": ([tmp_path / "o.xbm"], "format cannot hold this picture"),
+        "parent is a file": ([root / "a-file" / "o.png"], "is a file, not a folder"),
+        "dangling symlink": ([tmp_path / "dangling.png"], "exists; pass --force"),
+        "inside the model": ([files["model"] / "o.png"], "inside the model folder"),
+        "unknown extension": ([tmp_path / "o.abc"], "cannot tell the image format"),
+    }
+    before = sorted(p.name for p in root.iterdir())
+    for name, (out, words) in cases.items():
+        assert main(edit_args(files, "--out", *out)) == 2, name
+        one_line_error(capsys, words)
+    assert sorted(p.name for p in root.iterdir()) == before and not (tmp_path / "nowhere.png").exists()
+    assert main(["invert", "--model", str(files["model"]), "--image", str(files["image"]), "--quiet",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    one_line_error(capsys, "--out", "an inversion file is written as .safetensors")
+
+
+@pytest.mark.parametrize("image, words", [
+    ("folder", ["image", "is a folder, not a file"]), ("missing.png", ["image", "does not exist"]),
+    ("truncated.png", ["is not a readable picture"]),
+])
+def test_bad_images_are_one_line(files, tmp_path, capsys, image: str, words: list[str]) -> None:
+    assert main(edit_args(files, "--out", tmp_path / "o.png", image=files["root"] / image)) == 2
+    one_line_error(capsys, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def test_max_pixels_refuses_large_inputs(files, tmp_path, capsys) -> None:
+    assert main(edit_args(files, "--out", tmp_path / "o.png", "--max-pixels", "100")) == 2
+    one_line_error(capsys, "16 x 16 = 256 pixels, above the limit of 100 (--max-pixels)")
+
+
+def test_inversion_files_are_tied_to_their_image(files, tmp_path, capsys) -> None:
+    inv = tmp_path / "in.inversion.safetensors"
+    common = ["--model", str(files["model"]), "--steps", "6", "--quiet"]
+    assert main(["invert", "--image", str(files["image"]), *common, "--out", str(inv)]) == 0
+    assert (inv.stat().st_mode & 0o777) == 0o644  # as the images: no private 0600 temp-file mode left
+    other = files["root"] / "other.png"
+    assert main(edit_args(files, "--out", tmp_path / "o.png", "--inversion", inv, image=other)) == 2
+    one_line_error(capsys, "was made from another image than", "--ignore-inversion-source")
+    assert main(edit_args(files, "--out", tmp_path / "o.png", "--inversion", inv, "--compat")) == 2
+    one_line_error(capsys, "was made from the default mode")
+    assert main(edit_args(files, "--out", tmp_path / "o.png", "--inversion", inv, "--ignore-inversion-source",
+                          image=other)) == 0
+    # with the file, the edit of the image it was made from equals the edit without it, bit for bit
+    assert main(edit_args(files, "--out", tmp_path / "with.png", "--inversion", inv)) == 0
+    assert main(edit_args(files, "--out", tmp_path / "without.png")) == 0
+    assert Image.open(tmp_path / "with.png").tobytes() == Image.open(tmp_path / "without.png").tobytes()
+    assert main(edit_args(files, "--out", tmp_path / "f.png", "--inversion", files["root"] / "folder")) == 2
+    one_line_error(capsys, "is a folder, not an inversion file")
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path) -> None:
+    path = tmp_path / "result.png"
+    path.write_bytes(b"old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["result.png"]
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["result.png"]
+
+
+def test_a_failed_image_write_under_force_keeps_the_old_output(files, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "o.png"
+    out.write_bytes(b"previous result")
+
+    def broken_save(self, fp, *a, **kw):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    assert main(edit_args(files, "--out", out, "--force")) == 2
+    assert out.read_bytes() == b"previous result" and sorted(os.listdir(tmp_path)) == ["o.png"]
