@@ -181,6 +181,8 @@ def load(
 ) -> StableDiffusion:
     """Load a model folder (DESIGN.md layout) strictly: every tensor consumed, every shape checked."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"model {folder} is a file, not a model folder (convert it: python -m weights_convert)")
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     config, provenance = read_config(folder)

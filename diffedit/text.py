@@ -114,7 +114,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Prompts, max_length: int) -> Ten
     full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
     if full.shape[1] > max_length:
         cut = [p for p, row in zip(prompts, full) if int((row != tokenizer.pad_token_id).sum()) > max_length]
-        warnings.warn(f"prompts longer than {max_length} tokens were truncated: {cut}", stacklevel=3)
+        shown = [p if len(p) <= 60 else p[:57] + "..." for p in cut[:3]] + (["..."] if len(cut) > 3 else [])
+        warnings.warn(f"{len(cut)} prompt(s) longer than {max_length} tokens were truncated: {shown}", stacklevel=3)
     return ids.input_ids
 
 

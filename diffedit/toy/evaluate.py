@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw
 
 from diffedit.chain import edit_image
 from diffedit.edit import edit, invert
+from diffedit.files import atomic_write, atomic_write_text
 from diffedit.image import overlay, to_uint8
 from diffedit.model import StableDiffusion
 # the metrics (diffedit/toy/metrics.py), re-exported: `evaluate.psnr`, ...
@@ -342,6 +343,17 @@ def sheet_path(args: argparse.Namespace) -> Path | None:
     return args.sheet if args.sheet is not None else args.out.with_suffix(".png")
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run(args: argparse.Namespace):
     """`diffedit eval`: yields the lines to print (the table last) and writes the JSON."""
     from diffedit.model import load
@@ -365,7 +377,8 @@ def run(args: argparse.Namespace):
     results = evaluate(model, pairs, args.methods, settings, folder, progress=not args.quiet,
                        say=print if not args.quiet else (lambda line: None), on_edit=keep)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")  # +inf PSNR is written as Infinity
+    # strict JSON: a +inf PSNR (identical pixels) or an undefined mean is written as null, not Infinity / NaN
+    atomic_write_text(args.out, json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
     yield f"{args.count} held-out edits (max {args.max_objects} objects), {args.steps} steps, model {folder}"
     yield format_table(results)
     if results["comparisons"]:
@@ -373,7 +386,8 @@ def run(args: argparse.Namespace):
     yield f"wrote {args.out}"
     if sheet is not None and shown:
         sheet.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(shown).save(sheet)
+        picture = contact_sheet(shown)
+        atomic_write(sheet, lambda tmp: picture.save(tmp, format=Image.registered_extensions()[sheet.suffix.lower()]))
         yield f"wrote {sheet} (the first {len(shown)} edits)"
 
 
