@@ -124,6 +124,8 @@ def to_mask(mask: MaskInput, size: tuple[int, int]) -> Tensor:
         if len({a.shape for a in arrays}) > 1:
             raise ValueError(f"all masks of a batch must have the same size, got {sorted({a.shape for a in arrays})}")
         mask = np.stack(arrays)
+    if isinstance(mask, Tensor) and mask.dtype == torch.uint8:
+        mask = mask.cpu().numpy()  # one rule for uint8 masks, whichever container they come in
     if isinstance(mask, np.ndarray):
         if mask.dtype == np.uint8:
             if not np.isin(mask, (0, 255)).all() and not np.isin(mask, (0, 1)).all():

@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from diffedit.configs import VAEConfig
+from diffedit.noise import randn
 from diffedit.unet import Attention, Downsample, ResBlock, Upsample, to_feature_map, to_tokens
 
 EPS = 1e-6  # every GroupNorm of the released autoencoder uses this epsilon
@@ -138,9 +139,7 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """mean + std * noise (reparameterisation). The noise is drawn with one torch.randn call on the
         generator's device, exactly as diffusers does, so the same generator state gives the same bits."""
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean)
 
     def mode(self) -> Tensor:
         return self.mean

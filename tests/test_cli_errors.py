@@ -166,3 +166,35 @@ def test_a_failed_image_write_under_force_keeps_the_old_output(files, tmp_path, 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     assert main(edit_args(files, "--out", out, "--force")) == 2
     assert out.read_bytes() == b"previous result" and sorted(os.listdir(tmp_path)) == ["o.png"]
+
+
+def test_the_demos_printed_command_gives_the_same_edit_bit_for_bit(tmp_path, capsys) -> None:
+    import shlex
+
+    from diffedit.toy import WEIGHTS
+
+    if not (WEIGHTS / "model.json").is_file():
+        pytest.skip("the toy model is not built")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("the same edit, bit for bit: "))
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command[0] == "diffedit" and command[-2:] == ["--out", "edit.png"]
+    assert main([*command[1:-1], str(tmp_path / "again.png"), "--quiet"]) == 0
+    demo = Image.open(tmp_path / "demo" / "edit.png")
+    assert demo.tobytes() == Image.open(tmp_path / "again.png").tobytes()
+
+
+def test_a_uint8_mask_reads_alike_from_numpy_and_torch() -> None:
+    import numpy as np
+    import torch
+
+    from diffedit.image import to_mask
+
+    array = np.zeros((16, 16), np.uint8)
+    array[4:12, 4:12] = 255
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 2:6, 2:6] = 1  # nearest downsampling of the 0/255 square, independently written
+    assert torch.equal(to_mask(array, (8, 8)), expected)
+    assert torch.equal(to_mask(torch.from_numpy(array), (8, 8)), expected)
+    with pytest.raises(ValueError, match="uint8 masks must hold only 0 and 255"):
+        to_mask(torch.full((8, 8), 7, dtype=torch.uint8), (8, 8))

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from diffedit.configs import ModelConfig
 from diffedit.weights import COMPONENTS, TOKENIZER_DIR, atomic_folder, check_state_dict, read_component, read_config
 
-from .convert import CONVERTER, DTYPES, TEXT_FIXED, UNET_FIXED, VAE_FIXED, ConversionError, our_shapes, _say
+from .convert import CONVERTER, DTYPES, ConversionError, our_shapes, _say
+from .diffusers_config import TEXT_FIXED, UNET_FIXED, VAE_FIXED
 from .diffusers import unet_to_diffusers, vae_to_diffusers
 
 DIFFUSERS_VERSION = "0.42.1"  # the config format written (and the version the tests load it with)

@@ -1,0 +1,164 @@
+"""diffusers' config files (unet, vae, text_encoder, scheduler) <-> our ModelConfig: the config half of the
+diffusers format, beside its tensor-name table (diffusers.py). Anything we do not implement is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from diffedit.configs import PRESETS, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig
+
+# The config file of each component in a diffusers folder.
+CONFIG_FILES = {
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+
+
+class ConversionError(ValueError):
+    """A problem with the user's input (not a bug): reported as one message, nothing written."""
+
+
+# The pad token of each text encoder family (it shapes the padding embeddings the UNet attends to):
+# OpenAI CLIP ViT-L (quick_gelu, SD 1.x) pads with its end token, OpenCLIP ViT-H (gelu, SD 2.x) with "!" (id 0).
+PAD_TOKEN = {"quick_gelu": "<|endoftext|>", "gelu": "!"}
+
+
+# ---- diffusers configs -> ModelConfig -----------------------------------------------------------------------------
+
+# Keys of diffusers' config files whose value is fixed in SD 1.x / 2.x, and so in our networks. A config that states
+# another value describes a model we do not implement, and is refused. Keys absent from a file take diffusers'
+# defaults, which are these values.
+UNET_FIXED = {
+    "_class_name": "UNet2DConditionModel", "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "dual_cross_attention": False, "num_attention_heads": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None, "addition_embed_type": None,
+    "num_class_embeds": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None, "addition_time_embed_dim": None,
+}  # fmt: skip
+VAE_FIXED = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "shift_factor": None, "latents_mean": None,
+    "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+}  # fmt: skip
+TEXT_FIXED = {"model_type": "clip_text_model"}
+# The schedulers of SD 1.x / 2.x repos and the samplers that share their discrete DDPM training schedule.
+SCHEDULERS = {
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+}  # fmt: skip
+SCHEDULER_FIXED = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
+
+
+def config_from_diffusers(
+    configs: dict[str, dict[str, Any]], prediction_type: str | None, image_size: int | None, name: str = "custom"
+) -> ModelConfig:
+    """unet/vae/text_encoder/scheduler config dicts -> our ModelConfig; anything we do not implement is refused."""
+    u, v, t, s = configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"]
+    problems = [
+        *_fixed_problems(u, UNET_FIXED, CONFIG_FILES["unet"]),
+        *_fixed_problems(v, VAE_FIXED, CONFIG_FILES["vae"]),
+        *_fixed_problems(t, TEXT_FIXED, CONFIG_FILES["text_encoder"]),
+        *_fixed_problems(s, SCHEDULER_FIXED, CONFIG_FILES["scheduler"]),
+    ]
+
+    def need(d: dict[str, Any], key: str, where: str) -> Any:
+        if key not in d:  # no library default is trusted for a value that shapes the model
+            problems.append(f"{where}: {key} is missing")
+        return d.get(key)
+
+    # UNet
+    down, up = list(u.get("down_block_types", [])), list(u.get("up_block_types", []))
+    attention = tuple(b == "CrossAttnDownBlock2D" for b in down)
+    if not down or any(b not in ("CrossAttnDownBlock2D", "DownBlock2D") for b in down):
+        problems.append(f"unet: unsupported down_block_types {down}")
+    if up != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]:
+        problems.append(f"unet: up_block_types {up} do not mirror down_block_types {down}")
+    channels = tuple(need(u, "block_out_channels", "unet") or ())
+    heads = need(u, "attention_head_dim", "unet")  # diffusers' naming quirk: for SD this is the number of heads
+    heads = tuple(heads) if isinstance(heads, list) else (heads,) * len(channels)
+    for key in ("in_channels", "out_channels"):
+        if u.get(key, 4) != 4:
+            problems.append(f"unet: {key} {u[key]} (inpainting or depth model?): only 4 is supported")
+    layers, depth = u.get("layers_per_block", 2), u.get("transformer_layers_per_block", 1)
+    for key, value in (("layers_per_block", layers), ("transformer_layers_per_block", depth)):
+        if not isinstance(value, int):
+            problems.append(f"unet: {key} {value!r}: only one value for all levels is supported")
+    # VAE
+    vae_levels = len(v.get("block_out_channels", ()))
+    if v.get("down_block_types") != ["DownEncoderBlock2D"] * vae_levels or v.get("up_block_types") != [
+        "UpDecoderBlock2D"
+    ] * vae_levels:
+        problems.append("vae: down/up_block_types must be DownEncoderBlock2D / UpDecoderBlock2D on every level")
+    if v.get("in_channels", 3) != v.get("out_channels", 3):
+        problems.append("vae: in_channels and out_channels differ")
+    # text encoder
+    activation = need(t, "hidden_act", "text_encoder")
+    if activation not in PAD_TOKEN:
+        problems.append(f"text_encoder: hidden_act {activation!r} (expected one of {sorted(PAD_TOKEN)})")
+    # scheduler: only the training schedule and the prediction type describe the model; sampler settings do not
+    if s.get("_class_name") not in SCHEDULERS:
+        problems.append(f"scheduler: {s.get('_class_name')!r} is not a Stable Diffusion 1.x / 2.x scheduler")
+    if s.get("beta_schedule") not in ("scaled_linear", "linear"):
+        problems.append(f"scheduler: beta_schedule {s.get('beta_schedule')!r} (expected scaled_linear or linear)")
+    file_prediction = s.get("prediction_type", "epsilon")  # absent in SD 1.x repos: diffusers' default, epsilon
+    if file_prediction not in ("epsilon", "v_prediction"):
+        problems.append(f"scheduler: prediction_type {file_prediction!r} (expected epsilon or v_prediction)")
+    sample_size = u.get("sample_size")
+    if image_size is None and not isinstance(sample_size, int):
+        problems.append("unet: no sample_size, so the training resolution is unknown: pass --image-size")
+    problems += [f"text_encoder: {k} is missing" for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                 "num_attention_heads", "intermediate_size", "max_position_embeddings") if k not in t]  # fmt: skip
+    problems += [f"scheduler: {k} is missing" for k in ("num_train_timesteps", "beta_start", "beta_end") if k not in s]
+    if problems:
+        raise ConversionError("unsupported diffusers config:\n  " + "\n  ".join(problems))
+
+    try:
+        unet = UNetConfig(
+            in_channels=4, out_channels=4, channels=channels, attention=attention, heads=heads,
+            layers_per_block=layers, transformer_depth=depth, cross_attention_dim=u["cross_attention_dim"],
+            linear_projection=u.get("use_linear_projection", False), upcast_attention=u.get("upcast_attention", False),
+            norm_groups=u.get("norm_num_groups", 32), norm_eps=u.get("norm_eps", 1e-5),
+        )  # fmt: skip
+        vae = VAEConfig(
+            in_channels=v.get("in_channels", 3), latent_channels=v.get("latent_channels", 4),
+            channels=tuple(v["block_out_channels"]), layers_per_block=v.get("layers_per_block", 1),
+            norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215),
+        )  # fmt: skip
+        text = TextConfig(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
+            num_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],
+            max_length=t["max_position_embeddings"], activation=activation,
+            layer_norm_eps=t.get("layer_norm_eps", 1e-5), pad_token=PAD_TOKEN[activation],
+        )  # fmt: skip
+        schedule = ScheduleConfig(
+            num_train_timesteps=s["num_train_timesteps"], beta_start=s["beta_start"], beta_end=s["beta_end"],
+            beta_schedule=s["beta_schedule"], prediction_type=prediction_type or file_prediction,
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"unsupported diffusers config: {type(e).__name__}: {e}") from e
+    size = image_size or sample_size * vae.downsample_factor
+    return named(ModelConfig(unet=unet, vae=vae, text=text, schedule=schedule, image_size=size, name=name))
+
+
+def named(config: ModelConfig) -> ModelConfig:
+    """A config equal to one of our presets gets the preset's name."""
+    for preset in PRESETS.values():
+        if dataclasses.replace(config, name=preset.name) == preset:
+            return preset
+    return config
+
+
+def _fixed_problems(d: dict[str, Any], fixed: dict[str, Any], where: str) -> list[str]:
+    def same(value: Any, expected: Any) -> bool:  # per-level lists of one repeated value count as that value
+        return value == expected or (isinstance(value, list) and bool(value) and all(x == expected for x in value))
+
+    return [f"{where}: {k} = {d[k]!r} (supported: {v!r})" for k, v in fixed.items() if k in d and not same(d[k], v)]
