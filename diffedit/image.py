@@ -216,6 +216,7 @@ def size_warning(width: int, height: int, native_size: int) -> str | None:
     activations are ~3 tensors of 128 channels at full resolution (fp32), 128 * 3 * 4 = 1536 bytes a pixel."""
     if width * height <= native_size * native_size:
         return None
-    gib = width * height * 1536 / 2**30
+    mib = width * height * 1536 / 2**20
+    memory = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
     return (f"the image is {width} x {height}, above the model's native {native_size} x {native_size}: expect "
-            f"slow steps and about {gib:.1f} GiB for the VAE alone")
+            f"slower steps and about {memory} for the VAE alone")

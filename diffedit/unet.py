@@ -226,8 +226,11 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+        """`size`: the skip connection's (h, w) where it is not twice x's (an odd size was halved, rounding up)."""
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))  # as diffusers' upsample_size
 
 
 def _res_block(config: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
@@ -289,7 +292,8 @@ class UpLevel(nn.Module):
             x = res(torch.cat([x, skips.pop()], dim=1), emb)
             if self.attn:
                 x = self.attn[j](x, context, hook)
-        return self.upsample(x) if self.upsample is not None else x
+        # up to the size of the next level's skip: any latent size works, not only multiples of 2^levels
+        return self.upsample(x, skips[-1].shape[-2:]) if self.upsample is not None else x
 
 
 class MidBlock(nn.Module):
@@ -362,9 +366,6 @@ class UNet(nn.Module):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (batch, {c.in_channels}, height, width), got {tuple(x.shape)}")
-        factor = 2 ** (len(c.channels) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"latent height and width must be multiples of {factor}, got {tuple(x.shape[2:])}")
         batch = x.shape[0]
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.cross_attention_dim:
             raise ValueError(

@@ -93,3 +93,14 @@ def test_mask_callback_gets_each_maps_difference(model, image) -> None:
     torch.testing.assert_close(torch.stack(maps).mean(0), mask.difference, rtol=1e-6, atol=0)
     one = generate_mask(model, image, SOURCE, TARGET, num_maps=1, steps=STEPS, generator=seeded(2), progress=False)
     assert torch.equal(one.difference, maps[0])
+
+
+def test_sizes_that_are_not_multiples_of_the_unet_downsampling_edit(model) -> None:
+    """18 x 22 pixels on TINY (VAE factor 2, UNet factor 2): 9 x 11 latents, odd, once refused (the same case as
+    72 x 88 pixels with the toy model or 9 x 11 latents with SD)."""
+    image = torch.rand(1, 3, 18, 22, generator=seeded(6))
+    result = edit_image(model, image, SOURCE, TARGET, steps=STEPS, num_maps=2, output_type="pt", progress=False)
+    assert result.edit.images.shape == (1, 3, 18, 22) and result.mask.latent_mask.shape == (1, 1, 9, 11)
+    outside = (result.mask.latent_mask == 0).expand_as(result.edit.latents)
+    assert outside.any()  # §3.3: the last blend restores z0 exactly outside the mask
+    assert torch.equal(result.edit.latents[outside], result.inversion.z0[outside])
