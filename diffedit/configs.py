@@ -8,6 +8,8 @@ convolutions, ...) is written directly in the network code instead of being conf
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -109,29 +111,31 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelConfig":
-        def build(cls: type, values: dict[str, Any]) -> Any:
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(values) - names
-            if unknown:
-                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-            # JSON has no tuples: turn lists back into tuples so configs stay hashable and comparable.
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        """A config read from JSON, every field checked against its declared type and range, naming the field
+        ("config.unet.heads must be a list of positive integers, got [8, 0]")."""
 
-        required = {"unet", "vae", "text", "schedule"}
-        missing = required - set(d)
+        def build(cls: type, values: Any, where: str) -> Any:
+            if not isinstance(values, dict):
+                raise ValueError(f"{where} must be a JSON object, got {values!r}")
+            hints = typing.get_type_hints(cls)
+            unknown = set(values) - set(hints)
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} fields in {where}: {sorted(unknown)}")
+            checked = {k: _checked(v, hints[k], f"{where}.{k}") for k, v in values.items()
+                       if not dataclasses.is_dataclass(hints[k])}
+            try:
+                return cls(**checked, **{k: v for k, v in values.items() if k not in checked})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
+
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a JSON object, got {d!r}")
+        required = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "schedule": ScheduleConfig}
+        missing = set(required) - set(d)
         if missing:
             raise ValueError(f"model config lacks {sorted(missing)}")
-        rest = {k: v for k, v in d.items() if k not in required}
-        return build(
-            ModelConfig,
-            dict(
-                unet=build(UNetConfig, d["unet"]),
-                vae=build(VAEConfig, d["vae"]),
-                text=build(TextConfig, d["text"]),
-                schedule=build(ScheduleConfig, d["schedule"]),
-                **rest,
-            ),
-        )
+        parts = {k: build(cls, d[k], f"config.{k}") for k, cls in required.items()}
+        return build(ModelConfig, {**d, **parts}, "config")
 
 
 SD15 = ModelConfig(
@@ -186,3 +190,32 @@ TINY = ModelConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21_BASE, SD21, TINY)}
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """A JSON value of a config field, checked against the field's type (numbers positive, except steps_offset
+    which may be 0); lists become tuples, so configs stay hashable and comparable."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{where} must be a non-empty list, got {value!r}")
+        return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    low_ok = (lambda v: v >= 0) if where.endswith("steps_offset") else (lambda v: v > 0)
+    if hint is bool:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, kind = isinstance(value, int) and not isinstance(value, bool) and low_ok(value), "a positive integer"
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low_ok(value)
+        kind = "a positive number"
+    elif hint is str:
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return value
+    if not ok:
+        raise ValueError(f"{where} must be {kind}, got {value!r}")
+    return value

@@ -53,10 +53,21 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, 
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a diffedit model folder: {CONFIG_FILE} is missing")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:  # a missing key is reported as the wrong format, on purpose
         raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
-    return ModelConfig.from_dict(meta["config"]), meta["provenance"]
+    for key in ("config", "provenance"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(f"{path}: {key} must be a JSON object, got {meta.get(key)!r}")
+    try:
+        return ModelConfig.from_dict(meta["config"]), meta["provenance"]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def read_component(folder: str | os.PathLike[str], name: str) -> dict[str, Tensor]:

@@ -198,3 +198,33 @@ def test_a_uint8_mask_reads_alike_from_numpy_and_torch() -> None:
     assert torch.equal(to_mask(torch.from_numpy(array), (8, 8)), expected)
     with pytest.raises(ValueError, match="uint8 masks must hold only 0 and 255"):
         to_mask(torch.full((8, 8), 7, dtype=torch.uint8), (8, 8))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: [m], ["must hold a JSON object, got a list"]),
+    (lambda m: {k: v for k, v in m.items() if k != "config"}, ["config must be a JSON object, got None"]),
+    (lambda m: {k: v for k, v in m.items() if k != "provenance"}, ["provenance must be a JSON object"]),
+    (lambda m: {**m, "config": None}, ["config must be a JSON object, got None"]),
+    (lambda m: _set(m, "unet", "heads", [0, 0]), ["config.unet.heads[0] must be a positive integer, got 0"]),
+    (lambda m: _set(m, "vae", "channels", [-8, 16]), ["config.vae.channels[0] must be a positive integer, got -8"]),
+    (lambda m: _set(m, "schedule", "num_train_timesteps", 0), ["config.schedule.num_train_timesteps", "got 0"]),
+    (lambda m: _set(m, "unet", "channels", "abc"), ["config.unet.channels must be a non-empty list, got 'abc'"]),
+    (lambda m: _set(m, "schedule", "prediction_type", "x0"), ["config.schedule.prediction_type must be one of"]),
+])
+def test_bad_model_json_is_one_line_naming_file_and_field(files, tmp_path, capsys, change, words) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(change(meta)))
+    args = ["edit", "--model", str(folder), "--image", str(files["image"]), "--source", "a", "--target", "b",
+            "--quiet", "--out", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    one_line_error(capsys, "model.json", *words)
+    assert not (tmp_path / "o.png").exists()
+
+
+def _set(meta: dict, part: str, key: str, value: object) -> dict:
+    return {**meta, "config": {**meta["config"], part: {**meta["config"][part], key: value}}}
