@@ -20,9 +20,8 @@ from diffedit.configs import SD15, SD21, SD21_BASE, TINY, ModelConfig
 from weights_convert.detect import detect_single_file
 from weights_convert.ldm import ignore_reason, ldm_layout, read_checkpoint, split_ldm
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "weights_layouts"
-if not LAYOUTS.is_dir():  # the shared folder sits next to the checkout in our workspace
-    LAYOUTS = Path("/work/shared/weights_layouts")
+from ._reference import LAYOUTS, require_layouts
+
 
 CASES = {"sd15": (SD15, "clip"), "sd21": (SD21, "openclip")}
 DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
@@ -47,6 +46,7 @@ def ldm_schedule_buffers(t: int = 1000, start: float = 0.00085, end: float = 0.0
 
 
 def read_layout(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    require_layouts()
     layout = json.loads((LAYOUTS / f"{name}.json").read_text())
     exceptions = layout.get("dtype_exceptions", {})
     return {k: (tuple(s), DTYPES[exceptions.get(k, layout["default_dtype"])]) for k, s in layout["tensors"].items()}
@@ -135,6 +135,7 @@ def test_tables_cover_the_real_files(name: str) -> None:
     # The output names and shapes are those of the diffusers-format files of the same model.
     out = split_ldm(make_state_dict(layout, meta=True), config)
     for component in ("unet", "vae", "text_encoder"):
+        require_layouts()
         ref = json.loads((LAYOUTS / f"{name}_diffusers_{component}.json").read_text())
         aliases = ref.get("aliases", {})  # the hub VAE's old attention names -> the current ones we emit
         expected = {aliases.get(k, k): tuple(s) for k, s in ref["tensors"].items()}

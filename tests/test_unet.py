@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests._reference import LAYOUTS, diffusers_unet_kwargs, layout, our_unet_from, reference_unet, relative_error
+from tests._reference import diffusers_unet_kwargs, layout, require_layouts
+from tests._reference import our_unet_from, reference_unet, relative_error
 from diffedit.configs import SD15, SD21, TINY, UNetConfig
 from diffedit.unet import Attention, UNet
 from weights_convert.diffusers import unet_from_diffusers, unet_to_diffusers
@@ -163,8 +164,7 @@ def test_tiny_mapping_round_trip(tiny: tuple[torch.nn.Module, UNet]) -> None:
 
 @pytest.mark.parametrize("name, config", [("sd15", SD15.unet), ("sd21", SD21.unet)])
 def test_real_layout_maps_and_loads(name: str, config: UNetConfig) -> None:
-    if not LAYOUTS.is_dir():
-        pytest.skip(f"no weights layouts at {LAYOUTS}")
+    require_layouts()
     shapes = layout(f"{name}_diffusers_unet")["tensors"]
     # Meta tensors: the real names and shapes, no memory.
     state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}

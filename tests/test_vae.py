@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests._reference import LAYOUTS, diffusers_vae_kwargs, layout, our_vae_from, reference_vae, relative_error
+from tests._reference import diffusers_vae_kwargs, layout, require_layouts
+from tests._reference import our_vae_from, reference_vae, relative_error
 from diffedit.configs import SD15, SD21, TINY, VAEConfig
 from diffedit.vae import AutoencoderKL, DiagonalGaussian
 from weights_convert.diffusers import VAE_LEGACY_ATTENTION_NAMES, vae_from_diffusers, vae_to_diffusers
@@ -127,8 +128,7 @@ def test_tiny_mapping_round_trip(tiny: tuple[torch.nn.Module, AutoencoderKL]) ->
 
 @pytest.mark.parametrize("name, config", [("sd15", SD15.vae), ("sd21", SD21.vae)])
 def test_real_layout_maps_and_loads(name: str, config: VAEConfig) -> None:
-    if not LAYOUTS.is_dir():
-        pytest.skip(f"no weights layouts at {LAYOUTS}")
+    require_layouts()
     spec = layout(f"{name}_diffusers_vae")
     shapes, aliases = spec["tensors"], spec["aliases"]
     assert set(aliases) <= set(shapes)  # the file uses the deprecated attention names
