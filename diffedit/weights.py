@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,23 +93,34 @@ def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[
     only with `force` (moved aside first, so the swap is as short as possible)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a run that was killed (SIGKILL) mid-write
+        print(f"removing {stale}, a half-written {out.name} left by an interrupted run", file=sys.stderr)
+        _remove(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
         _usual_permissions(tmp)
-        if out.exists():
+        if out.exists() or out.is_symlink():
             if not force:
                 raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
             old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
+            _remove(old)
+            out.rename(old)  # a folder, a file or a link alike
             tmp.rename(out)
-            shutil.rmtree(old)
+            _remove(old)
         else:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _usual_permissions(folder: Path) -> None:

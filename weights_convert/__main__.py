@@ -7,7 +7,9 @@ nothing is written then. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 from .convert import ConversionError, convert
 from .export import export_diffusers
@@ -62,8 +64,35 @@ def one_line(error: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
 
 
+def _same_or_nested(src: str, out: str) -> str | None:
+    """Why writing OUT would destroy SRC (OUT is SRC, inside it, or holds it), or None."""
+    source, target = Path(src), Path(out)
+    if not source.exists():
+        return None  # a hub id
+    source, target = source.resolve(), target.resolve()
+    if source == target:
+        return "OUT is SRC"
+    if source in target.parents:
+        return "OUT is inside SRC"
+    if target in source.parents:
+        return "SRC is inside OUT"
+    return None
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that the temporary folders are removed as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    clash = _same_or_nested(args.src, args.out)
+    if clash is not None:
+        print(f"error: {clash} ({args.src} -> {args.out}): writing OUT would destroy the source", file=sys.stderr)
+        return 2
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): its own handler stays
+        previous = None
     try:
         if args.to == "diffusers":
             for flag in ("tokenizer", "prediction_type", "image_size"):
@@ -81,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
