@@ -17,14 +17,18 @@ from .conftest import make_tiny_model
 FAST = ["--steps", "6", "--num-maps", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli")
+def saved_model_and_picture(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """A saved tiny model and a 16 x 16 picture (a red square on blue) in `root`."""
     make_tiny_model(tokenizer_dir, "epsilon", seed=7).save(root / "model")
     picture = Image.new("RGB", (16, 16), (30, 60, 200))
     picture.paste((220, 20, 20), (4, 4, 12, 12))
     picture.save(root / "in.png")
     return {"model": root / "model", "image": root / "in.png"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    return saved_model_and_picture(tmp_path_factory.mktemp("cli"), tokenizer_dir)
 
 
 def args(files: dict[str, Path], command: str, *rest: str | Path) -> list[str]:

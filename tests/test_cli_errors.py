@@ -14,23 +14,19 @@ import diffedit.cli as cli
 from diffedit.cli import main
 from diffedit.files import atomic_write
 
-from .conftest import make_tiny_model
-from .test_cli import FAST, one_line_error
+from .test_cli import FAST, one_line_error, saved_model_and_picture
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """test_cli's saved tiny model and picture, with the odd inputs of these tests beside them."""
     root = tmp_path_factory.mktemp("cli-errors")
-    make_tiny_model(tokenizer_dir, "epsilon", seed=7).save(root / "model")
-    picture = Image.new("RGB", (16, 16), (30, 60, 200))
-    picture.paste((220, 20, 20), (4, 4, 12, 12))
-    picture.save(root / "in.png")
-    other = Image.new("RGB", (16, 16), (200, 200, 20))
-    other.save(root / "other.png")
-    (root / "truncated.png").write_bytes((root / "in.png").read_bytes()[:40])
+    given = saved_model_and_picture(root, tokenizer_dir)
+    Image.new("RGB", (16, 16), (200, 200, 20)).save(root / "other.png")
+    (root / "truncated.png").write_bytes(given["image"].read_bytes()[:40])
     (root / "folder").mkdir()
     (root / "a-file").write_text("not a folder")
-    return {"root": root, "model": root / "model", "image": root / "in.png"}
+    return {**given, "root": root}
 
 
 def edit_args(files: dict[str, Path], *rest: str | Path, image: Path | None = None) -> list[str]:
