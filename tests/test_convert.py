@@ -647,3 +647,11 @@ def test_sigterm_midway_leaves_nothing_and_a_stale_temporary_is_removed(tmp_path
     (stale / "unet.safetensors").write_bytes(b"half")
     assert main([str(tiny_src), str(out), "--quiet"]) == 0
     assert "removing" in capsys.readouterr().err and leftovers(tmp_path) == [] and (out / "model.json").is_file()
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "100", "abc"])
+def test_bad_image_size_is_refused_by_the_parser(tmp_path: Path, tiny_src: Path, capsys, size: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([str(tiny_src), str(tmp_path / "out"), "--image-size", size, "--quiet"])
+    assert info.value.code == 2 and "--image-size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _positive_multiple_of_8(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (pixels), got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m weights_convert",
@@ -48,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override what the model predicts (single files carry no flag: SD 2.x defaults to v at "
                    "768 px)")  # fmt: skip
-    p.add_argument("--image-size", type=int, metavar="N", help="override the training resolution (pixels)")
+    p.add_argument("--image-size", type=_positive_multiple_of_8, metavar="N",
+                   help="override the training resolution (pixels, a positive multiple of 8)")
     p.add_argument("--to", choices=["diffedit", "diffusers"], default="diffedit",
                    help="diffusers: export the diffedit model folder SRC to diffusers format")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
