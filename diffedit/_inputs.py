@@ -29,9 +29,11 @@ OutputType = Literal["pil", "np", "pt", "latent"]
 # ---- checks: one call per stage ---------------------------------------------------------------------------------
 def check_stage(
     model: StableDiffusion, *, steps: int, guidance: float, generator: torch.Generator | None, diffusers_compat: bool,
-    callback: Callback | None = None, attention_hook: StageAttentionHook | None = None, **numbers: Any,
+    callback: Callback | None = None, attention_hook: StageAttentionHook | None = None,
+    regulariser: InversionRegulariser | None = None, **numbers: Any,
 ) -> None:
     """The arguments every stage shares, then `numbers`: name=(value, low, kind) with kind "int", ">=" or ">"."""
+    check_regulariser(regulariser)
     if not isinstance(model, StableDiffusion):
         raise TypeError(f"model must be a StableDiffusion (diffedit.load), got {type(model).__name__}")
     check_int(steps, "steps", 1)
@@ -76,6 +78,20 @@ def check_output(output_type: str, background_image: ImageInput | None) -> None:
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
     if background_image is not None and output_type == "latent":
         raise ValueError("background_image is pasted into decoded images: it needs output_type 'pil', 'np' or 'pt'")
+
+
+def check_edit(
+    model: StableDiffusion, inversion: Any, *, guidance: float, generator: torch.Generator | None,
+    diffusers_compat: bool, callback: Callback | None, attention_hook: StageAttentionHook | None, eta: float,
+    num_images_per_prompt: int, output_type: str, background_image: ImageInput | None,
+) -> list[int]:
+    """edit()'s one check call: the inversion (its levels are returned), the shared arguments, the output."""
+    ts = check_inversion(model, inversion)
+    check_stage(model, steps=inversion.steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
+                callback=callback, attention_hook=attention_hook, eta=(eta, 0.0, ">="),
+                num_images_per_prompt=(num_images_per_prompt, 1, "int"))
+    check_output(output_type, background_image)
+    return ts
 
 
 def stage_timesteps(model: StableDiffusion, *, steps: int, strength: float, name: str) -> list[int]:

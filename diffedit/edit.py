@@ -28,9 +28,9 @@ from torch import Tensor
 from tqdm import tqdm  # plain text bars: the same in terminals and notebooks, no widget dependency
 
 from . import compat
-from ._inputs import Callback, OutputType, StageAttentionHook, at_step, background, check_inversion, check_output
-from ._inputs import check_regulariser, check_stage, edit_mask, encode_z0, mask_prompts, noise_difference
-from ._inputs import output_images, prompt_pair, stage_timesteps
+from ._inputs import Callback, OutputType, StageAttentionHook, at_step, background, check_edit
+from ._inputs import check_stage, edit_mask, encode_z0, mask_prompts, noise_difference, output_images, prompt_pair
+from ._inputs import stage_timesteps
 from .ddim import add_noise, ddim_inverse_step, ddim_step
 from .image import ImageInput, MaskInput, mask_to_pil
 from .model import StableDiffusion
@@ -161,8 +161,7 @@ def invert(
     noise estimate towards i.i.d. N(0, 1).
     """
     check_stage(model, steps=steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
-                callback=callback, attention_hook=attention_hook)
-    check_regulariser(regulariser)
+                callback=callback, attention_hook=attention_hook, regulariser=regulariser)
     ts = stage_timesteps(model, steps=steps, strength=strength, name="strength")  # 781, 761, ..., 1
     cond, uncond = prompt_pair(model, prompt, negative_prompt, what="prompt", guidance=guidance, clip_skip=clip_skip,
                                diffusers_compat=diffusers_compat)
@@ -230,11 +229,10 @@ def edit(
     the decoder sees the whole picture (GroupNorm statistics, attention), so an edited region shifts the decoded
     colours of the untouched ones; this pastes the input back instead. `EditResult.latents` are what was decoded.
     """
-    ts = check_inversion(model, inversion)
-    check_stage(model, steps=inversion.steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
-                callback=callback, attention_hook=attention_hook, eta=(eta, 0.0, ">="),
-                num_images_per_prompt=(num_images_per_prompt, 1, "int"))
-    check_output(output_type, background_image)
+    ts = check_edit(model, inversion, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
+                    callback=callback, attention_hook=attention_hook, eta=eta,
+                    num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                    background_image=background_image)  # the inversion's levels
     size, k = tuple(inversion.z0.shape[-2:]), num_images_per_prompt
     mask = edit_mask(mask, size).to(model.device)
     cond, uncond = prompt_pair(model, prompt, negative_prompt, what="prompt", guidance=guidance, clip_skip=clip_skip,
