@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -75,7 +76,10 @@ def read_component(folder: str | os.PathLike[str], name: str) -> dict[str, Tenso
     path = Path(folder) / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"model folder {folder} lacks {path.name}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # truncated, garbage, unreadable: name the file
+        raise ValueError(f"{path} is not a readable safetensors file: {' '.join(str(e).split())}") from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -655,3 +655,25 @@ def test_bad_image_size_is_refused_by_the_parser(tmp_path: Path, tiny_src: Path,
         main([str(tiny_src), str(tmp_path / "out"), "--image-size", size, "--quiet"])
     assert info.value.code == 2 and "--image-size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_component_in_the_export_names_the_file(tmp_path: Path, tiny_src: Path, capsys) -> None:
+    model = tmp_path / "model"
+    assert main([str(tiny_src), str(model), "--quiet"]) == 0
+    (model / "vae.safetensors").write_bytes(b"\x00" * 7)  # truncated
+    assert main([str(model), str(tmp_path / "exported"), "--to", "diffusers", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vae.safetensors is not a readable safetensors file" in err[0]
+    assert not (tmp_path / "exported").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, words", [("[1, 2]", "must hold a JSON object, got a list"),
+                                            ("{not json", "is not valid JSON")])
+def test_bad_diffusers_config_names_the_file(tmp_path: Path, tiny_src: Path, capsys, content: str, words) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    (src / "unet" / "config.json").write_text(content)
+    assert main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unet/config.json" in err[0] and words in err[0]
+    assert not (tmp_path / "out").exists()

@@ -203,7 +203,12 @@ def read_diffusers_folder(
     for part, rel in CONFIG_FILES.items():
         if not (folder / rel).is_file():
             raise ConversionError(f"{folder} lacks {rel}: not a complete diffusers-format Stable Diffusion folder")
-        configs[part] = json.loads((folder / rel).read_text(encoding="utf-8"))
+        try:
+            configs[part] = json.loads((folder / rel).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{folder / rel} is not valid JSON: {e}") from None
+        if not isinstance(configs[part], dict):
+            raise ConversionError(f"{folder / rel} must hold a JSON object, got a {type(configs[part]).__name__}")
     config = config_from_diffusers(configs, prediction_type, image_size, name=name or folder.name)
     weights = {c: weight_file(folder, c, prefer_fp16) for c in COMPONENTS}
     inputs = [folder / rel for rel in CONFIG_FILES.values()] + list(weights.values())
