@@ -677,3 +677,10 @@ def test_bad_diffusers_config_names_the_file(tmp_path: Path, tiny_src: Path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unet/config.json" in err[0] and words in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("src", ["./models/sd15x", "models/sd15x/unet", "../nowhere/model"])
+def test_a_mistyped_local_path_is_not_reported_as_a_hub_fetch(tmp_path: Path, capsys, src: str) -> None:
+    assert main([src, str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no such file or folder" in err and "hub" in err and "cannot fetch" not in err

@@ -142,7 +142,7 @@ def locate(src: str) -> tuple[str, Path]:
             expected = ", ".join(SINGLE_FILE_SUFFIXES)
             raise ConversionError(f"{src}: unknown checkpoint type {path.suffix!r} (expected {expected})")
         return "single-file", path
-    if REPO_ID.fullmatch(src) and not src.endswith(SINGLE_FILE_SUFFIXES):
+    if REPO_ID.fullmatch(src) and not src.endswith(SINGLE_FILE_SUFFIXES) and not src.startswith("."):
         return "hub", path
     raise ConversionError(f"{src}: no such file or folder, and not a hub repo id (org/name)")
 
@@ -262,7 +262,8 @@ def fetch_diffusers_repo(repo_id: str, *, prefer_fp16: bool, quiet: bool) -> Pat
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
         except Exception as e:  # offline, unknown repo, gated, incomplete cache: all end here, as one message
-            raise ConversionError(f"cannot fetch {repo_id} from the hub: {type(e).__name__}: {_first_line(e)}") from e
+            raise ConversionError(f"{repo_id}: no such local file or folder, so it was tried as a hub repo id: cannot "
+                                  f"fetch {repo_id} from the hub: {type(e).__name__}: {_first_line(e)}") from e
     assert folder is not None
     return folder
 
