@@ -224,3 +224,24 @@ def test_bad_model_json_is_one_line_naming_file_and_field(files, tmp_path, capsy
 
 def _set(meta: dict, part: str, key: str, value: object) -> dict:
     return {**meta, "config": {**meta["config"], part: {**meta["config"][part], key: value}}}
+
+
+def test_eval_says_a_missing_diffusers_method_is_skipped_even_when_quiet(tmp_path, capsys, monkeypatch) -> None:
+    import builtins
+
+    from diffedit.toy import WEIGHTS
+
+    if not (WEIGHTS / "model.json").is_file():
+        pytest.skip("the toy model is not built")
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kwargs):  # as on a machine where only the package itself is installed
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ImportError("No module named 'diffusers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--out", str(out), "--count", "1", "--methods", "encode_decode", "diffusers", "--quiet"]) == 0
+    assert "diffusers: skipped: diffusers is not installed" in capsys.readouterr().err
+    assert "Infinity" not in out.read_text() and "NaN" not in out.read_text()

@@ -189,8 +189,8 @@ def evaluate(
                 notes["diffusers"] = "skipped: diffusers is not installed"
             except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
                 notes["diffusers"] = f"skipped: {' '.join(str(e).split())}"
-        for name, note in notes.items():
-            say(f"{name}: {note}")
+        for name, note in notes.items():  # on stderr, even with --quiet: a method the user asked for is missing
+            print(f"{name}: {note}", file=sys.stderr)
         records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods if m in runners}
         for i, pair in enumerate(pairs):
             source_image, _ = render(pair.source)
