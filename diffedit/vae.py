@@ -14,21 +14,35 @@ caller applies them, so encode/decode stay the plain autoencoder.
 Module tree: encoder.{in_conv, down[i].res[j], down[i].downsample, mid.{res1, attn, res2}, out_norm, out_conv},
 quant_conv, post_quant_conv, decoder.{in_conv, mid, up[i].res[j], up[i].upsample, out_norm, out_conv}
 (decoder.up in execution order: up[0] is the coarsest level).
+
+Large inputs: `encode` and `decode` show a tqdm bar, one tick per block, above PROGRESS_PIXELS image pixels
+(`progress=` forces it on or off). They are not tiled: every GroupNorm normalises over the whole image, so tiles
+would change the output; a bar changes nothing (the same modules run in the same order, bit for bit).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from diffedit.configs import VAEConfig
 from diffedit.noise import randn
 from diffedit.unet import Attention, Downsample, ResBlock, Upsample, to_feature_map, to_tokens
 
 EPS = 1e-6  # every GroupNorm of the released autoencoder uses this epsilon
+# Above this many image pixels an SD encode or decode takes seconds even on an accelerator (minutes on a CPU).
+PROGRESS_PIXELS = 1024 * 1024
+
+Tick = Callable[[], object]  # called once after each block: a progress bar's update
+
+
+def _no_tick() -> None:
+    pass
 
 
 class SpatialSelfAttention(Attention):
@@ -48,9 +62,13 @@ class MidBlock(nn.Module):
         self.res1 = ResBlock(channels, channels, None, groups, EPS)
         self.attn = SpatialSelfAttention(channels, groups)
         self.res2 = ResBlock(channels, channels, None, groups, EPS)
+        self.steps = 3  # ticks of the progress bar
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.res2(self.attn(self.res1(x)))
+    def forward(self, x: Tensor, tick: Tick = _no_tick) -> Tensor:
+        for block in (self.res1, self.attn, self.res2):
+            x = block(x)
+            tick()
+        return x
 
 
 class Level(nn.Module):
@@ -64,14 +82,16 @@ class Level(nn.Module):
         )
         self.downsample = Downsample(out_ch, asymmetric_padding=True) if downsample else None
         self.upsample = Upsample(out_ch) if upsample else None
+        self.steps = blocks + downsample + upsample  # ticks of the progress bar
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, tick: Tick = _no_tick) -> Tensor:
         for res in self.res:
             x = res(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
+            tick()
+        for resample in (self.downsample, self.upsample):
+            if resample is not None:
+                x = resample(x)
+                tick()
         return x
 
 
@@ -90,11 +110,12 @@ class Encoder(nn.Module):
         self.out_norm = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.out_conv = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.in_conv(x)
-        for level in self.down:
-            h = level(h)
-        return self.out_conv(F.silu(self.out_norm(self.mid(h))))
+    def forward(self, x: Tensor, progress: bool = False) -> Tensor:
+        with _bar(self, "VAE encode", progress) as bar:
+            h = self.in_conv(x)
+            for level in self.down:
+                h = level(h, bar.update)
+            return self.out_conv(F.silu(self.out_norm(self.mid(h, bar.update))))
 
 
 class Decoder(nn.Module):
@@ -112,11 +133,18 @@ class Decoder(nn.Module):
         self.out_norm = nn.GroupNorm(groups, ch[0], eps=EPS)
         self.out_conv = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.in_conv(z))
-        for level in self.up:
-            h = level(h)
-        return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled()))  # see ResBlock
+    def forward(self, z: Tensor, progress: bool = False) -> Tensor:
+        with _bar(self, "VAE decode", progress) as bar:
+            h = self.mid(self.in_conv(z), bar.update)
+            for level in self.up:
+                h = level(h, bar.update)
+            return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled()))  # see ResBlock
+
+
+def _bar(network: Encoder | Decoder, desc: str, enabled: bool) -> tqdm:
+    """One tick per res block, attention block and resampling conv of `network`."""
+    total = sum(m.steps for m in network.modules() if isinstance(m, (Level, MidBlock)))
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
 
 
 @dataclass(frozen=True)
@@ -155,21 +183,27 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
-    def encode(self, images: Tensor) -> DiagonalGaussian:
-        """images: (B, in_channels, H, W) in [-1, 1], H and W multiples of the downsample factor."""
+    def encode(self, images: Tensor, *, progress: bool | None = None) -> DiagonalGaussian:
+        """images: (B, in_channels, H, W) in [-1, 1], H and W multiples of the downsample factor (any multiple:
+        e.g. 72 x 88). progress: a bar per block; None shows it above PROGRESS_PIXELS pixels."""
         c = self.config
         f = c.downsample_factor
         if images.ndim != 4 or images.shape[1] != c.in_channels:
             raise ValueError(f"images must be (batch, {c.in_channels}, height, width), got {tuple(images.shape)}")
         if images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[2:])}")
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(images)))
+        if progress is None:
+            progress = images.shape[2] * images.shape[3] > PROGRESS_PIXELS
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(images, progress)))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """z: raw (unscaled) latents (B, latent_channels, h, w) -> images in about [-1, 1] (not clamped)."""
+    def decode(self, z: Tensor, *, progress: bool | None = None) -> Tensor:
+        """z: raw (unscaled) latents (B, latent_channels, h, w), any h and w -> images in about [-1, 1] (not
+        clamped). progress: a bar per block; None shows it above PROGRESS_PIXELS pixels of the decoded image."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"latents must be (batch, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        if progress is None:
+            progress = z.shape[2] * z.shape[3] * self.config.downsample_factor**2 > PROGRESS_PIXELS
+        return self.decoder(self.post_quant_conv(z), progress)
 
     def to_latent(self, z: Tensor) -> Tensor:
         """Raw autoencoder latent -> the unit-variance latent the diffusion model works on."""

@@ -1,4 +1,5 @@
-"""Our AutoencoderKL against diffusers' on identical random weights, the posterior's sampling bits, the
+"""Our AutoencoderKL against diffusers' on identical random weights (square and non-square sizes that are not
+multiples of the UNet's downsampling), the posterior's sampling bits, the progress bar on large inputs, the
 diffusers name mapping (current and deprecated attention names, Linear and 1x1-conv shapes), input validation.
 
 Tolerance: max |ours - diffusers| / max |diffusers| <= 1e-5 (fp32, CPU).
@@ -7,20 +8,27 @@ Tolerance: max |ours - diffusers| / max |diffusers| <= 1e-5 (fp32, CPU).
 from __future__ import annotations
 
 import gc
+import json
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from tests._reference import diffusers_vae_kwargs, layout, require_layouts
 from tests._reference import our_vae_from, reference_vae, relative_error
-from diffedit.configs import SD15, SD21, TINY, VAEConfig
+import diffedit.vae
+from diffedit.configs import SD15, SD21, TINY, ModelConfig, VAEConfig
 from diffedit.vae import AutoencoderKL, DiagonalGaussian
 from weights_convert.diffusers import VAE_LEGACY_ATTENTION_NAMES, vae_from_diffusers, vae_to_diffusers
 
 TOL = 1e-5
 CFG = TINY.vae
+# The shipped toy model's autoencoder: three levels (factor 4), so internal sizes halve twice.
+TOY = ModelConfig.from_dict(json.loads((Path(__file__).parents[1] / "diffedit/toy/weights/model.json").read_text())
+                            ["config"]).vae
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +37,12 @@ def tiny() -> tuple[torch.nn.Module, AutoencoderKL]:
     return reference, our_vae_from(reference, CFG)
 
 
-def _images(batch: int, size: int, seed: int = 0) -> Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+def _images(batch: int, size: int | tuple[int, int], seed: int = 0) -> Tensor:
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _check_parity(reference: torch.nn.Module, ours: AutoencoderKL, size: int) -> None:
+def _check_parity(reference: torch.nn.Module, ours: AutoencoderKL, size: int | tuple[int, int]) -> None:
     images = _images(2, size)
     expected = reference.encode(images).latent_dist
     posterior = ours.encode(images)
@@ -52,6 +61,16 @@ def test_tiny_matches_diffusers(tiny: tuple[torch.nn.Module, AutoencoderKL]) -> 
     _check_parity(*tiny, size=32)
 
 
+@pytest.mark.parametrize("config, size", [(CFG, (18, 22)), (TOY, (72, 88)), (TOY, (36, 20))],
+                         ids=["tiny-18x22", "toy-72x88", "toy-36x20"])
+@torch.no_grad()
+def test_sizes_not_multiples_of_the_unet_downsampling_match_diffusers(config: VAEConfig,
+                                                                      size: tuple[int, int]) -> None:
+    """Multiples of the VAE factor only: 72 x 88 pixels -> 18 x 22 toy latents (9 x 11 for SD), non-square."""
+    reference = reference_vae(config, seed=2)
+    _check_parity(reference, our_vae_from(reference, config), size)
+
+
 @pytest.fixture(scope="module")
 def full_size() -> Iterator[tuple[torch.nn.Module, AutoencoderKL]]:
     reference = reference_vae(SD15.vae, seed=1)  # SD 1.5 and 2.x share the autoencoder architecture
@@ -65,6 +84,7 @@ def full_size() -> Iterator[tuple[torch.nn.Module, AutoencoderKL]]:
 @torch.no_grad()
 def test_full_size_matches_diffusers(full_size: tuple[torch.nn.Module, AutoencoderKL]) -> None:
     _check_parity(*full_size, size=64)
+    _check_parity(*full_size, size=(72, 88))  # 9 x 11 latents: not a multiple of the SD UNet's 8
 
 
 @torch.no_grad()
@@ -82,6 +102,38 @@ def test_sample_draws_the_same_bits_as_diffusers(tiny: tuple[torch.nn.Module, Au
     assert relative_error(sample, expected.sample(torch.Generator().manual_seed(7))) <= TOL
     assert torch.equal(posterior.mode(), expected.mode())
     torch.testing.assert_close(posterior.std, expected.std, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_progress_bar_on_large_inputs_only_and_bit_identical(tiny: tuple[torch.nn.Module, AutoencoderKL],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _, ours = tiny
+    bars: list[tuple[str, int, int]] = []  # (desc, ticks, total) of every bar shown, when it closes
+
+    class Recording(tqdm):
+        def close(self) -> None:
+            if not self.disable:
+                bars.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(diffedit.vae, "tqdm", Recording)
+    images = _images(1, (16, 24))
+    z = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    quiet_mean, quiet_image = ours.encode(images).mean, ours.decode(z)  # 384 pixels: no bar by default
+    assert bars == [] and capsys.readouterr().err == ""
+    # Forced on: the same modules in the same order, so the same bits.
+    assert torch.equal(ours.encode(images, progress=True).mean, quiet_mean)
+    assert torch.equal(ours.decode(z, progress=True), quiet_image)
+    # TINY: encoder 2 levels x 1 res block + 1 downsample + mid 3 = 6 ticks; decoder 2 x 2 + 1 upsample + 3 = 8.
+    assert bars == [("VAE encode", 6, 6), ("VAE decode", 8, 8)]
+    assert "VAE encode" in capsys.readouterr().err
+    # Automatic above PROGRESS_PIXELS image pixels (the decoder counts the pixels it will produce).
+    monkeypatch.setattr(diffedit.vae, "PROGRESS_PIXELS", 383)
+    assert torch.equal(ours.encode(images).mean, quiet_mean) and torch.equal(ours.decode(z), quiet_image)
+    assert len(bars) == 4
+    ours.encode(images, progress=False), ours.decode(z, progress=False)
+    assert len(bars) == 4 and capsys.readouterr().err.count("VAE") == 2
 
 
 def test_latent_scaling_round_trip(tiny: tuple[torch.nn.Module, AutoencoderKL]) -> None:
