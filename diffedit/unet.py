@@ -347,7 +347,8 @@ class UNet(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor | int, context: Tensor, attention_hook: AttentionHook | None = None
     ) -> Tensor:
-        """x: (B, in_channels, h, w) latents; t: an int, a 0-d or a (B,) tensor of timesteps;
+        """x: (B, in_channels, h, w) latents, any h and w (odd sizes are halved rounding up, and each up level
+        returns to its skip's size, as diffusers does); t: an int, a 0-d or a (B,) tensor of timesteps;
         context: (B, tokens, cross_attention_dim) text embeddings. Returns the prediction, shaped like x."""
         t = self._check_inputs(x, t, context)
         emb = self.time_embed(t)

@@ -8,7 +8,9 @@ bit-identical: both sides run the same kernels in the same order.
 from __future__ import annotations
 
 import gc
+import json
 import re
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -17,12 +19,15 @@ from torch import Tensor
 
 from tests._reference import diffusers_unet_kwargs, layout, require_layouts
 from tests._reference import our_unet_from, reference_unet, relative_error
-from diffedit.configs import SD15, SD21, TINY, UNetConfig
+from diffedit.configs import SD15, SD21, TINY, ModelConfig, UNetConfig
 from diffedit.unet import Attention, UNet
 from weights_convert.diffusers import unet_from_diffusers, unet_to_diffusers
 
 TOL = 1e-5
 CFG = TINY.unet
+# The shipped toy model's UNet: three levels (two downsamplings, factor 4), attention on the two coarser ones.
+TOY = ModelConfig.from_dict(json.loads((Path(__file__).parents[1] / "diffedit/toy/weights/model.json").read_text())
+                            ["config"]).unet
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,20 @@ def test_any_latent_size_matches_diffusers(tiny: tuple[torch.nn.Module, UNet], s
     assert expected.shape == x.shape and relative_error(ours(x, 500, context), expected) <= TOL
 
 
+@pytest.mark.parametrize("size", [(18, 22), (9, 11), (7, 16)], ids=["18x22", "9x11", "7x16"])
+@torch.no_grad()
+def test_any_latent_size_matches_diffusers_two_downsamplings(size: tuple[int, int]) -> None:
+    """The toy UNet halves twice: 72 x 88 toy pixels -> 18 x 22 latents -> 9 x 11 -> 5 x 6, and back up to 9 x 11
+    (not 10 x 12) and 18 x 22; 9 x 11 and 7 x 16 are odd at the first level already."""
+    reference = reference_unet(TOY, seed=2)
+    ours = our_unet_from(reference, TOY)
+    torch.manual_seed(4)
+    x, context = torch.randn(2, TOY.in_channels, *size), torch.randn(2, 77, TOY.cross_attention_dim)
+    expected = reference(x, 500, context).sample
+    assert expected.shape == x.shape and relative_error(ours(x, 500, context), expected) <= TOL
+    assert expected.std() > 0.1
+
+
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
 def full_size(request: pytest.FixtureRequest) -> Iterator[tuple[UNetConfig, torch.nn.Module, UNet]]:
     # SD 2.1 (v-prediction) and 2.1-base share this network; sd21 also covers upcast_attention (a no-op in fp32).
@@ -81,6 +100,10 @@ def test_full_size_matches_diffusers(full_size: tuple[UNetConfig, torch.nn.Modul
     expected = reference(x, 500, context).sample
     assert relative_error(ours(x, 500, context), expected) <= TOL
     assert expected.std() > 0.1
+    # 72 x 88 pixels: 9 x 11 latents, not a multiple of SD's total downsampling (8): 9x11 -> 5x6 -> 3x3 -> 2x2.
+    x = torch.randn(1, cfg.in_channels, 9, 11, generator=torch.Generator().manual_seed(2))
+    expected = reference(x, 500, context).sample
+    assert expected.shape == x.shape and relative_error(ours(x, 500, context), expected) <= TOL
 
 
 # --- attention hook ------------------------------------------------------------------------------------------
