@@ -8,6 +8,8 @@ from typing import Any
 
 from diffedit.configs import PRESETS, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig
 
+DIFFUSERS_VERSION = "0.42.1"  # the config format written (and the version the tests load it with)
+
 # The config file of each component in a diffusers folder.
 CONFIG_FILES = {
     "unet": "unet/config.json",
@@ -162,3 +164,69 @@ def _fixed_problems(d: dict[str, Any], fixed: dict[str, Any], where: str) -> lis
         return value == expected or (isinstance(value, list) and bool(value) and all(x == expected for x in value))
 
     return [f"{where}: {k} = {d[k]!r} (supported: {v!r})" for k, v in fixed.items() if k in d and not same(d[k], v)]
+
+
+# ---- ModelConfig -> diffusers configs (the export) -----------------------------------------------------------------
+
+
+def diffusers_configs(config: ModelConfig, dtype_name: str = "float32") -> dict[str, dict[str, Any]]:
+    """The JSON files of a diffusers-format SD folder, for `config`. The fixed values are the ones the import
+    insists on (the *_FIXED tables above), so an exported folder always converts back."""
+    u, v, t, s = config.unet, config.vae, config.text, config.schedule
+    version = {"_diffusers_version": DIFFUSERS_VERSION}
+    unet = {
+        **UNET_FIXED, **version,
+        "sample_size": config.image_size // v.downsample_factor,
+        "in_channels": u.in_channels, "out_channels": u.out_channels,
+        "block_out_channels": list(u.channels),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention)],
+        "attention_head_dim": list(u.heads),  # diffusers' name for the number of heads in SD's UNet
+        "layers_per_block": u.layers_per_block, "transformer_layers_per_block": u.transformer_depth,
+        "cross_attention_dim": u.cross_attention_dim, "use_linear_projection": u.linear_projection,
+        "upcast_attention": u.upcast_attention, "norm_num_groups": u.norm_groups, "norm_eps": u.norm_eps,
+        "dropout": 0.0,
+    }  # fmt: skip
+    vae = {
+        **VAE_FIXED, **version,
+        "in_channels": v.in_channels, "out_channels": v.in_channels, "latent_channels": v.latent_channels,
+        "block_out_channels": list(v.channels), "layers_per_block": v.layers_per_block,
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.channels),
+        "norm_num_groups": v.norm_groups, "scaling_factor": v.scaling_factor, "sample_size": config.image_size,
+        "force_upcast": True,  # a runtime hint: decode fp16 models in fp32 (SD's VAE overflows in fp16)
+    }  # fmt: skip
+    text = {
+        **TEXT_FIXED, "architectures": ["CLIPTextModel"],
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads, "intermediate_size": t.intermediate_size,
+        "max_position_embeddings": t.max_length, "hidden_act": t.activation, "layer_norm_eps": t.layer_norm_eps,
+        # The token ids of the SD repos' configs (and of diffedit.text.build_text_model); they only pick the
+        # pooled token, which SD never uses.
+        "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+        "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "dtype": dtype_name,
+    }  # fmt: skip
+    scheduler = {
+        "_class_name": "DDIMScheduler", **version,
+        "num_train_timesteps": s.num_train_timesteps, "beta_start": s.beta_start, "beta_end": s.beta_end,
+        "beta_schedule": s.beta_schedule, "trained_betas": None, "prediction_type": s.prediction_type,
+        "timestep_spacing": "leading", "steps_offset": s.steps_offset, "set_alpha_to_one": s.final_alpha_is_one,
+        "clip_sample": False, "clip_sample_range": 1.0, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0, "rescale_betas_zero_snr": False,
+    }  # fmt: skip
+    model_index = {
+        "_class_name": "StableDiffusionPipeline", **version,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }  # fmt: skip
+    return {
+        "model_index.json": model_index,
+        "unet/config.json": unet,
+        "vae/config.json": vae,
+        "text_encoder/config.json": text,
+        "scheduler/scheduler_config.json": scheduler,
+    }
