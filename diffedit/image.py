@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 ImageInput = Union[Image.Image, np.ndarray, Tensor, Sequence[Image.Image], Sequence[np.ndarray]]
@@ -184,39 +185,82 @@ def side_by_side(
 
 
 # ---- reading a picture the user names -------------------------------------------------------------------------
-# 64 Mpx: four times a 4096 x 4096 picture, far past any SD model's native size (512-1024 px), yet well below the
-# size whose VAE activations exhaust a 24 GB machine (see `size_warning`).
-DEFAULT_MAX_PIXELS = 64_000_000
+# 4096 x 4096 = 16.8 Mpx: SD's VAE decoder then needs about 64 GiB in fp32 (the rule of `size_warning`), the most one
+# 80 GB accelerator holds. Larger files are scans, panoramas or decompression bombs: refused before any pixel is
+# decoded, with the flag to lift the limit named. (PIL's own guard warns at 89 Mpx and fails at 179 Mpx: too late.)
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+@contextmanager
+def _pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb limit (a module global) set for the duration of the block, then restored."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An RGB picture from a file, or one clear line saying why not (missing, a folder, unreadable, too large)."""
+    """An RGB picture from a file, or one line saying why not: missing, a folder, unreadable, or more than
+    `max_pixels` pixels (None: no limit). The size is read from the header, so a huge file is refused before it
+    is decoded. EXIF orientation is applied (the picture as viewers show it, as diffusers' load_image does), and
+    16-bit grey levels are scaled to 8 bits (PIL's convert would clip them to white)."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"image {path} is a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"image {path} does not exist")
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        Image.MAX_IMAGE_PIXELS = None  # our own limit below, with its flag named; PIL's would fire first
-        with Image.open(path) as im:
+    if not path.is_file():
+        raise ValueError(f"image {path} is not a regular file")  # a FIFO or a device: opening it could block
+    # Our limit replaces PIL's for this call: PIL's would fire first (or not at all) and name no flag.
+    with _pil_pixel_limit(None):
+        try:
+            im = Image.open(path)  # lazy: reads the header only
+        except MemoryError:
+            raise
+        except Exception as e:  # PIL reports broken files with many exception types; each is "unreadable" here
+            raise ValueError(f"image {path} is not a readable picture: {_reason(e)}") from None
+        with im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ValueError(f"image {path} has {width} x {height} = {width * height} pixels, above the limit of "
-                                 f"{max_pixels} (--max-pixels)")
-            return im.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {path} is not a readable picture: {' '.join(str(e).split())}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+                raise ValueError(f"image {path} has {width} x {height} = {width * height} pixels, above the limit "
+                                 f"of {max_pixels} (--max-pixels)")
+            try:
+                im.load()  # decodes: a truncated or corrupt file fails here
+                upright = ImageOps.exif_transpose(im)
+                if upright.mode.startswith("I;16"):
+                    upright = upright.convert("I").point(lambda v: v / 256)  # 0..65535 -> 0..255
+                return upright.convert("RGB")
+            except MemoryError:
+                raise
+            except Exception as e:
+                raise ValueError(f"image {path} is not a readable picture: {_reason(e)}") from None
 
 
-def size_warning(width: int, height: int, native_size: int) -> str | None:
-    """A warning above the model's native size, with the expected peak memory: the VAE decoder's largest
-    activations are ~3 tensors of 128 channels at full resolution (fp32), 128 * 3 * 4 = 1536 bytes a pixel."""
+def _reason(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__  # one line
+
+
+# The SD VAE decoder's peak, measured on a CPU in fp32: 302 MiB at 256 x 256, 618 MiB at 384 x 384, i.e. 4045 bytes a
+# pixel (the encoder: 3085). It is the finest level: the 256-channel upsampled map, its conv, the 128-channel res
+# blocks and the kernels' buffers, together ~8 maps of the first level's width (128) at full resolution.
+VAE_PEAK_MAPS = 8
+
+
+def size_warning(
+    width: int, height: int, native_size: int, *, vae_channels: int = 128, bytes_per_value: int = 4
+) -> str | None:
+    """A warning above the model's native size (width x height > native_size^2), with the VAE decoder's expected
+    peak memory: VAE_PEAK_MAPS (8) maps of `vae_channels` (the first VAE level's width: 128 for SD) x H x W values
+    of `bytes_per_value` bytes (4: fp32, 2: fp16 / bf16). For SD in fp32: 4 KiB a pixel, 1 GiB at 512 x 512,
+    4 GiB at 1024 x 1024, 64 GiB at 4096 x 4096."""
     if width * height <= native_size * native_size:
         return None
-    mib = width * height * 1536 / 2**20
+    mib = width * height * VAE_PEAK_MAPS * vae_channels * bytes_per_value / 2**20
     memory = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
     return (f"the image is {width} x {height}, above the model's native {native_size} x {native_size}: expect "
-            f"slower steps and about {memory} for the VAE alone")
+            f"slower steps and about {memory} for the VAE decoder alone")
