@@ -1,0 +1,93 @@
+"""A model loaded in float16 or bfloat16 (`load(folder, dtype=...)`) agrees with the same model in float32.
+
+Each network is run on the same fp32 inputs cast to the dtype, so each error is that network's own; measured
+against float32 as max |low - fp32| / max |fp32| (tests._reference.relative_error), in units of the dtype's
+machine epsilon (fp16: 2^-10 ~ 9.8e-4, bf16: 2^-7 ~ 7.8e-3). Measured with torch 2.13 on CPU:
+
+    model          dtype   text   UNet (worst of 3 t)   VAE encode   VAE decode    (x eps)
+    toy (trained)  fp16    1.1    0.7                   0.6          2.0
+    toy (trained)  bf16    1.3    0.6                   0.7          2.9
+    tiny (random)  fp16    1.2    3.5                   2.4          1.9
+    tiny (random)  bf16    1.4    5.1                   2.7          2.7
+
+The bound is TOL_EPS = 10 eps for every network (fp16 9.8e-3, bf16 7.8e-2): 2x the worst measured value.
+Besides, a network left in fp32 fails the dtype check and an fp16 overflow (inf) the finiteness check.
+On CPU every op runs in both dtypes (torch 2.13), but fp16 is slow there: a toy UNet call takes 87 ms
+in fp16, 21 ms in bf16, 23 ms in fp32 (1 thread); use bf16 on CPUs. Where a torch build lacks a half-precision CPU
+kernel (older releases had no fp16 conv), that dtype is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from tests._reference import relative_error
+from tests.conftest import make_tiny_model
+from diffedit.model import StableDiffusion, load
+
+TOY = Path(__file__).parents[1] / "diffedit" / "toy" / "weights"
+TOL_EPS = 10
+PROMPTS = ["a red circle", "a photo of pears"]  # words of both tokenizers (the tests' and the toy's)
+
+
+@pytest.fixture(scope="module", params=["toy", "tiny"])
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    if request.param == "toy":
+        return TOY  # trained weights: realistic activations
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    make_tiny_model(tokenizer_dir, seed=5).save(folder)  # random weights, norms and biases included: harsher
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp32(folder: Path) -> StableDiffusion:
+    return load(folder)
+
+
+def _low(folder: Path, dtype: torch.dtype) -> StableDiffusion:
+    model = load(folder, dtype=dtype)
+    assert model.dtype == dtype and {p.dtype for p in model.parameters()} == {dtype}
+    return model
+
+
+def _check(low: Tensor, reference: Tensor, dtype: torch.dtype, what: str) -> float:
+    assert low.dtype == dtype, what
+    assert torch.isfinite(low).all(), what
+    error = relative_error(low.float(), reference)
+    assert error <= TOL_EPS * torch.finfo(dtype).eps, f"{what}: {error:.2e} = {error / torch.finfo(dtype).eps:.1f} eps"
+    return error
+
+
+def _run_or_skip(dtype: torch.dtype, fn):  # type: ignore[no-untyped-def]
+    """Run fn; skip (naming the op's error) where this torch build has no kernel for the dtype on this device."""
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError) as e:
+        if "not implemented for" in str(e):
+            pytest.skip(f"{dtype} unsupported on CPU by this torch build: {' '.join(str(e).split())[:120]}")
+        raise
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.no_grad()
+def test_low_precision_agrees_with_fp32(folder: Path, fp32: StableDiffusion, dtype: torch.dtype) -> None:
+    low = _low(folder, dtype)
+    factor = fp32.config.vae.downsample_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 11, generator=g)  # odd, non-square latents: the size-matching upsamples too
+    images = torch.rand(2, 3, 9 * factor, 11 * factor, generator=g)
+    z = torch.randn(2, 4, 9, 11, generator=g)
+    tokens = fp32.encode_prompt(PROMPTS).tokens
+
+    _check(low.encode_prompt(PROMPTS).tokens, tokens, dtype, "text encoder")
+    for t in (21, 500, 981):  # sinusoidal features in fp32 at any dtype: high t keeps its frequencies
+        out = _run_or_skip(dtype, lambda: low.unet(x.to(dtype), t, tokens.to(dtype)))
+        _check(out, fp32.unet(x, t, tokens), dtype, f"UNet at t={t}")
+    _check(low.vae.encode(images.to(dtype) * 2 - 1).mean, fp32.vae.encode(images * 2 - 1).mean, dtype, "VAE encode")
+    _check(low.vae.decode(z.to(dtype)), fp32.vae.decode(z), dtype, "VAE decode")
+    # The model's own entry points: inputs in fp32 are cast, outputs are the model's dtype.
+    _check(low.decode_latents(z), fp32.decode_latents(z), dtype, "decode_latents")
