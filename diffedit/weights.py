@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -59,13 +60,18 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, 
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(meta).__name__}")
+        got = "null" if meta is None else f"a {type(meta).__name__}"
+        raise ValueError(f"{path} must hold a JSON object, got {got}")
     if meta.get("format") != FORMAT:  # a missing key is reported as the wrong format, on purpose
         raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("config", "provenance"):
-        if not isinstance(meta.get(key), dict):
-            raise ValueError(f"{path}: {key} must be a JSON object, got {meta.get(key)!r}")
+        if key not in meta:
+            raise ValueError(f"{path}: {key} must be a JSON object, got None (the key is missing)")
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{path}: {key} must be a JSON object, got {meta[key]!r}")
     try:
         return ModelConfig.from_dict(meta["config"]), meta["provenance"]
     except ValueError as e:
@@ -93,30 +99,37 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 @contextmanager
 def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """A temporary sibling of `out` to write into, renamed to `out` when the block succeeds and removed when it
-    fails, so an error or an interruption never leaves a half-written `out`. An existing `out` is replaced
-    only with `force` (moved aside first, so the swap is as short as possible)."""
+    fails, so an error or an interruption never leaves a half-written `out`. An existing `out` (a folder, a file
+    or a link) is replaced only with `force`: moved aside, the new one renamed in, the old one removed, so the swap
+    is as short as possible and a failure in it puts the old one back.
+
+    Every temporary is named `.OUT.*.tmp`, the one moved aside too: whatever a killed (SIGKILL) run leaves is
+    found, removed and named on stderr by the next run writing the same `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a run that was killed (SIGKILL) mid-write
-        print(f"removing {stale}, a half-written {out.name} left by an interrupted run", file=sys.stderr)
+    # .OUT.<mkdtemp's random letters, no dot>[.old].tmp: not the temporaries of a sibling such as OUT.v2
+    ours = re.compile(rf"\.{re.escape(out.name)}\.[^.]+(\.old)?\.tmp")
+    for stale in sorted(p for p in out.parent.iterdir() if ours.fullmatch(p.name)):
+        print(f"removing {stale}, left behind by an interrupted write of {out}", file=sys.stderr)
         _remove(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
     try:
         yield tmp
         _usual_permissions(tmp)
         if out.exists() or out.is_symlink():
             if not force:
                 raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-            old = out.with_name(f".{out.name}.old")
-            _remove(old)
-            out.rename(old)  # a folder, a file or a link alike
-            tmp.rename(out)
-            _remove(old)
-        else:
-            tmp.rename(out)
+            old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")  # unique: tmp's name is
+            out.rename(old)
+        tmp.rename(out)
     except BaseException:
+        if old is not None and (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+            old.rename(out)  # interrupted between the two renames: the old one is put back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        _remove(old)
 
 
 def _remove(path: Path) -> None:
@@ -155,7 +168,7 @@ def write_model_folder(
     out = Path(out)
     if sorted(tensors) != sorted(COMPONENTS):
         raise ValueError(f"expected tensors for {COMPONENTS}, got {sorted(tensors)}")
-    if out.exists() and not force:  # checked before any work, and again at the swap
+    if (out.exists() or out.is_symlink()) and not force:  # checked before any work, and again at the swap
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     with atomic_folder(out, force) as tmp:
         for name, state in tensors.items():

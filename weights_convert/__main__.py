@@ -1,7 +1,8 @@
 """`python -m weights_convert SRC OUT`: convert a Stable Diffusion checkpoint to a diffedit model folder, or back.
 
 User errors (a bad file, an unsupported model, an existing OUT, ...) are one line on stderr and exit code 2;
-nothing is written then. Anything else is a bug and keeps its traceback.
+nothing is written then. Ctrl-C or SIGTERM: "interrupted: nothing was written", exit code 130, no temporary
+folder left behind. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 from .convert import ConversionError, convert
 from .export import export_diffusers
@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
                    "a hub repo id (org/name); with --to diffusers: a diffedit model folder")  # fmt: skip
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, unless --force)")
     p.add_argument("--dtype", choices=["fp16", "fp32"], help="cast floating-point weights (default: keep the source's)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (a folder or a file; never SRC, nor a folder inside or around it)")
     p.add_argument("--tokenizer", metavar="DIR|REPO_ID",
                    help="tokenizer for single files (which carry none): a folder with vocab.json + merges.txt or "
                    "tokenizer.json, a diffusers folder, or a hub repo id (default: the model family's hub "
@@ -75,56 +76,64 @@ def one_line(error: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
 
 
-def _same_or_nested(src: str, out: str) -> str | None:
-    """Why writing OUT would destroy SRC (OUT is SRC, inside it, or holds it), or None."""
-    source, target = Path(src), Path(out)
-    if not source.exists():
-        return None  # a hub id
-    source, target = source.resolve(), target.resolve()
-    if source == target:
-        return "OUT is SRC"
-    if source in target.parents:
-        return "OUT is inside SRC"
-    if target in source.parents:
-        return "SRC is inside OUT"
-    return None
+class _Interrupts:
+    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block, so the temporary folders are removed as on
+    Ctrl-C, and are remembered: a library that turns the KeyboardInterrupt into an error of its own (safetensors
+    does, "could not determine the shape of object type 'torch.storage.UntypedStorage'") is still reported as an
+    interruption. The previous handlers are restored on the way out."""
 
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that the temporary folders are removed as on Ctrl-C
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (an embedding application): its own handlers stay
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    clash = _same_or_nested(args.src, args.out)
-    if clash is not None:
-        print(f"error: {clash} ({args.src} -> {args.out}): writing OUT would destroy the source", file=sys.stderr)
-        return 2
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (an embedding application): its own handler stays
-        previous = None
-    try:
-        if args.to == "diffusers":
-            for flag in ("tokenizer", "prediction_type", "image_size"):
-                if getattr(args, flag) is not None:
-                    raise ConversionError(f"--{flag.replace('_', '-')} does not apply to --to diffusers")
-            export_diffusers(args.src, args.out, dtype=args.dtype, force=args.force, quiet=args.quiet)
-        else:
-            convert(
-                args.src, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer,
-                prediction_type=args.prediction_type, image_size=args.image_size, quiet=args.quiet,
-            )  # fmt: skip
-    except (ValueError, OSError) as e:  # ConversionError is a ValueError; OSError: missing / existing files
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with _Interrupts() as interrupts:
+        try:
+            if args.to == "diffusers":
+                for flag in ("tokenizer", "prediction_type", "image_size"):
+                    if getattr(args, flag) is not None:
+                        raise ConversionError(f"--{flag.replace('_', '-')} does not apply to --to diffusers")
+                export_diffusers(args.src, args.out, dtype=args.dtype, force=args.force, quiet=args.quiet)
+            else:
+                convert(
+                    args.src, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer,
+                    prediction_type=args.prediction_type, image_size=args.image_size, quiet=args.quiet,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            return _interrupted(interrupts.received)
+        except Exception as e:
+            if interrupts.received is not None:  # the interruption, reworded by a library: say what happened
+                return _interrupted(interrupts.received)
+            if not isinstance(e, (ValueError, OSError)):  # ConversionError is a ValueError; OSError: files
+                raise  # a bug: keep the traceback
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _interrupted(signum: int | None) -> int:
+    how = " (SIGTERM)" if signum == signal.SIGTERM else ""
+    print(f"interrupted{how}: nothing was written", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

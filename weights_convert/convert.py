@@ -92,8 +92,7 @@ def convert(
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cast = DTYPES[dtype] if dtype else None  # None: keep the source's dtypes
     out = Path(out)
-    if out.exists() and not force:  # checked early too, so a long conversion is not wasted
-        raise ConversionError(f"{out} exists; pass --force to replace it")
+    check_out(src, out, force)  # early, so a long conversion is not wasted (the swap checks again)
     overrides = {"prediction_type": prediction_type, "image_size": image_size}
     kind, path = locate(src)
     if kind == "diffedit":
@@ -126,6 +125,24 @@ def convert(
     c, kind = source.config, source.provenance["dtype"]
     _say(quiet, f"wrote {written}: {c.name}, {c.schedule.prediction_type}, {c.image_size} px, {kind}")
     return written
+
+
+def check_out(src: str | Path, out: Path, force: bool) -> None:
+    """Refuse an OUT whose writing would destroy SRC (OUT is SRC, inside it, or holds it: --force would remove
+    the source, and without it the source would gain a folder), then an existing OUT without force."""
+    source, target = Path(src), Path(out)
+    if source.exists():  # not a hub id
+        source, target = source.resolve(), target.resolve()
+        clash = (
+            "OUT is SRC" if source == target
+            else "OUT is inside SRC" if source in target.parents
+            else "SRC is inside OUT" if target in source.parents
+            else None
+        )  # fmt: skip
+        if clash is not None:
+            raise ConversionError(f"{clash} ({src} -> {out}): writing OUT would destroy the source")
+    if (out.exists() or out.is_symlink()) and not force:  # a dangling link counts: the swap would refuse it
+        raise ConversionError(f"{out} exists; pass --force to replace it")
 
 
 def locate(src: str) -> tuple[str, Path]:
@@ -207,8 +224,11 @@ def read_diffusers_folder(
             configs[part] = json.loads((folder / rel).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{folder / rel} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConversionError(f"{folder / rel} is not valid JSON: nested too deeply") from None
         if not isinstance(configs[part], dict):
-            raise ConversionError(f"{folder / rel} must hold a JSON object, got a {type(configs[part]).__name__}")
+            got = "null" if configs[part] is None else f"a {type(configs[part]).__name__}"
+            raise ConversionError(f"{folder / rel} must hold a JSON object, got {got}")
     config = config_from_diffusers(configs, prediction_type, image_size, name=name or folder.name)
     weights = {c: weight_file(folder, c, prefer_fp16) for c in COMPONENTS}
     inputs = [folder / rel for rel in CONFIG_FILES.values()] + list(weights.values())

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from diffedit.weights import COMPONENTS, TOKENIZER_DIR, atomic_folder, check_state_dict, read_component, read_config
 
-from .convert import CONVERTER, DTYPES, ConversionError, our_shapes, _say
+from .convert import CONVERTER, DTYPES, ConversionError, check_out, our_shapes, _say
 from .diffusers_config import diffusers_configs
 from .diffusers import unet_to_diffusers, vae_to_diffusers
 
@@ -44,8 +44,10 @@ def export_diffusers(
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if out.exists() and not force:
-        raise ConversionError(f"{out} exists; pass --force to replace it")
+    if not src.is_dir():  # before read_config, whose "model.json is missing" would hide a mistyped path
+        raise ConversionError(f"{src} is a file, not a diffedit model folder" if src.exists()
+                              else f"{src}: no such diffedit model folder")  # fmt: skip
+    check_out(src, out, force)
     config, provenance = read_config(src)
     ours = {c: read_component(src, c) for c in COMPONENTS}
     expected = our_shapes(config)
