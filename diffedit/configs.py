@@ -121,8 +121,12 @@ class ModelConfig:
             unknown = set(values) - set(hints)
             if unknown:
                 raise ValueError(f"unknown {cls.__name__} fields in {where}: {sorted(unknown)}")
+            missing = [k for k in hints if k not in values]  # no default stands in for a value the file lacks
+            if missing:
+                raise ValueError(f"{where}.{missing[0]} is missing")
             checked = {k: _checked(v, hints[k], f"{where}.{k}") for k, v in values.items()
                        if not dataclasses.is_dataclass(hints[k])}
+            _check_consistent(cls, checked, where)
             try:
                 return cls(**checked, **{k: v for k, v in values.items() if k not in checked})
             except (TypeError, ValueError) as e:
@@ -135,7 +139,12 @@ class ModelConfig:
         if missing:
             raise ValueError(f"model config lacks {sorted(missing)}")
         parts = {k: build(cls, d[k], f"config.{k}") for k, cls in required.items()}
-        return build(ModelConfig, {**d, **parts}, "config")
+        config = build(ModelConfig, {**d, **parts}, "config")
+        factor = config.vae.downsample_factor
+        if config.image_size % factor:  # the latents of a training-size image would not be whole
+            raise ValueError(f"config.image_size must be a multiple of {factor} (the VAE's downsampling), "
+                             f"got {config.image_size}")
+        return config
 
 
 SD15 = ModelConfig(
@@ -204,11 +213,13 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list) or not value:
             raise ValueError(f"{where} must be a non-empty list, got {value!r}")
         return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    low_ok = (lambda v: v >= 0) if where.endswith("steps_offset") else (lambda v: v > 0)
+    zero_ok = where.endswith("steps_offset")
+    low_ok = (lambda v: v >= 0) if zero_ok else (lambda v: v > 0)
     if hint is bool:
         ok, kind = isinstance(value, bool), "true or false"
     elif hint is int:
-        ok, kind = isinstance(value, int) and not isinstance(value, bool) and low_ok(value), "a positive integer"
+        ok = isinstance(value, int) and not isinstance(value, bool) and low_ok(value)
+        kind = "a non-negative integer" if zero_ok else "a positive integer"
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low_ok(value)
         kind = "a positive number"
@@ -219,3 +230,33 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
     if not ok:
         raise ValueError(f"{where} must be {kind}, got {value!r}")
     return value
+
+
+def _check_consistent(cls: type, v: dict[str, Any], where: str) -> None:
+    """What the fields of a config read from a file must satisfy together, beyond each field's type and range: the
+    networks would fail later without naming the file or the field (GroupNorm, attention) or the schedule would
+    hold NaNs (betas of 1 and more)."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}.{message}")
+
+    if cls in (UNetConfig, VAEConfig):
+        channels, groups = list(v["channels"]), v["norm_groups"]
+        need(all(c % groups == 0 for c in channels),
+             f"norm_groups must divide every level's channels, got {groups} for channels {channels}")  # fmt: skip
+    if cls is UNetConfig:
+        levels = len(v["channels"])
+        for key in ("attention", "heads"):
+            need(len(v[key]) == levels, f"{key} must have one entry per level ({levels}), got {list(v[key])}")
+        for c, h in zip(v["channels"], v["heads"]):
+            need(c % h == 0, f"heads must divide each level's channels, got {h} heads for {c} channels")
+    if cls is TextConfig:
+        need(v["hidden_size"] % v["num_heads"] == 0,
+             f"num_heads must divide hidden_size {v['hidden_size']}, got {v['num_heads']}")  # fmt: skip
+        need(v["pad_token"] != "", "pad_token must be a token, got ''")
+    if cls is ScheduleConfig:
+        need(v["beta_start"] < v["beta_end"] < 1,
+             f"beta_end must lie between beta_start {v['beta_start']} and 1, got {v['beta_end']}")  # fmt: skip
+        need(v["steps_offset"] < v["num_train_timesteps"],
+             f"steps_offset must be below num_train_timesteps {v['num_train_timesteps']}, got {v['steps_offset']}")
