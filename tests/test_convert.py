@@ -684,3 +684,64 @@ def test_a_mistyped_local_path_is_not_reported_as_a_hub_fetch(tmp_path: Path, ca
     assert main([src, str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no such file or folder" in err and "hub" in err and "cannot fetch" not in err
+
+
+@torch.no_grad()
+def test_sd2_v_prediction_export_loads_in_diffusers_and_agrees(tmp_path: Path) -> None:
+    """An SD 2.x-style v-model (linear projections, fp32-upcast attention, gelu text encoder padding with "!",
+    v_prediction) exported with --to diffusers: each network loaded with its diffusers / transformers class's
+    from_pretrained, and the scheduler from its config, agree with ours on the same inputs (fp32, RTOL), and a
+    5-step DDIM sampling loop run with diffusers' networks and scheduler ends where ours does."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffedit.configs import ScheduleConfig
+    from diffedit.ddim import ddim_sample, timesteps
+    from diffedit.model import StableDiffusion
+    from diffedit.text import load_tokenizer
+
+    config = dataclasses.replace(
+        TINY,
+        unet=dataclasses.replace(TINY.unet, linear_projection=True, upcast_attention=True),
+        text=dataclasses.replace(TINY.text, activation="gelu", pad_token="!"),
+        schedule=ScheduleConfig(prediction_type="v_prediction"),
+        name="tiny-sd2-v",
+    )
+    write_tokenizer(tmp_path / "tokenizer", WORDS, pad_token="!")
+    model = StableDiffusion(config, load_tokenizer(tmp_path / "tokenizer", config.text))
+    randomize_(model, seed=3).eval()
+    model.save(tmp_path / "ours")
+    assert main([str(tmp_path / "ours"), str(tmp_path / "exported"), "--to", "diffusers", "--quiet"]) == 0
+    out = tmp_path / "exported"
+
+    scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    unet = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    assert unet.config.upcast_attention and unet.config.use_linear_projection
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    assert text.config.hidden_act == "gelu"
+
+    ours = load(tmp_path / "ours")
+    cond = ours.encode_prompt("a photo of a bowl of pears")
+    ids = tokenize(ours.tokenizer, "a photo of a bowl of pears", config.text.max_length)
+    assert relative_error(cond.tokens, text(ids).last_hidden_state) <= RTOL
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    pixels = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    for t in (1, 481, 981):
+        assert relative_error(ours.unet(x, t, cond.tokens), unet(x, t, cond.tokens).sample) <= RTOL, t
+    assert relative_error(ours.vae.decode(x), vae.decode(x).sample) <= RTOL
+    assert relative_error(ours.vae.encode(pixels).mode(), vae.encode(pixels).latent_dist.mode()) <= RTOL
+
+    # the schedule, read back by diffusers: same training schedule, same timesteps, same v-prediction DDIM steps
+    assert torch.equal(scheduler.alphas_cumprod, ours.schedule.alphas_cumprod)
+    scheduler.set_timesteps(5)
+    assert scheduler.timesteps.tolist() == timesteps(ours.schedule, 5)
+    theirs = x
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(unet(theirs, t, cond.tokens).sample, t, theirs).prev_sample
+    mine = ddim_sample(ours.schedule, lambda z, t: ours.unet(z, t, cond.tokens), x, timesteps(ours.schedule, 5))
+    assert relative_error(mine, theirs) <= RTOL
