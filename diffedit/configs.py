@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses and the presets of the models we support.
 
-Only the knobs that Stable Diffusion 1.x / 2.x (and our tiny test / toy models) actually vary are here;
+Only the knobs that Stable Diffusion 1.x / 2.x / XL (and our tiny test / toy models) actually vary are here;
 everything the real models share (sinusoidal time embedding with cos first, GEGLU feed-forward, 3x3
 convolutions, ...) is written directly in the network code instead of being configurable.
 """
@@ -26,17 +26,28 @@ class UNetConfig:
     attention: tuple[bool, ...] = (True, True, True, False)  # does the level have transformer blocks
     heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level (SD 1.x: 8; SD 2.x: 64-dim heads)
     layers_per_block: int = 2  # res blocks per down level (the up path has one more)
-    transformer_depth: int = 1  # transformer blocks after each res block of an attention level
+    # Transformer blocks after each res block, per level (used where `attention` is true; the mid block takes the
+    # last level's): SD 1.x / 2.x have 1 everywhere, SDXL (1, 2, 10) with its first level attention-free.
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)
     cross_attention_dim: int = 768  # width of the text embeddings
     linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear, SD 1.x with 1x1 conv
     upcast_attention: bool = False  # compute q.k in fp32 (SD 2.1-v overflows in fp16 otherwise)
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    # SDXL's added conditioning (Podell et al. 2023, §2.2): six size numbers (original size, crop top-left, target
+    # size), each a `size_embed_dim`-dim sinusoidal embedding, after the `pooled_text_dim`-dim pooled text
+    # embedding, through a 2-layer MLP added to the time embedding. 0 and 0: no added conditioning (SD 1.x / 2.x).
+    size_embed_dim: int = 0
+    pooled_text_dim: int = 0
 
     def __post_init__(self) -> None:
         levels = len(self.channels)
-        if len(self.attention) != levels or len(self.heads) != levels:
-            raise ValueError(f"channels, attention and heads need one entry per level ({levels}): {self}")
+        if any(len(v) != levels for v in (self.attention, self.heads, self.transformer_depth)):
+            raise ValueError(f"channels, attention, heads and transformer_depth need one entry per level ({levels}): "
+                             f"{self}")
+        if (self.size_embed_dim == 0) != (self.pooled_text_dim == 0):
+            raise ValueError("size_embed_dim and pooled_text_dim are both 0 (no added conditioning) or both set, got "
+                             f"{self.size_embed_dim} and {self.pooled_text_dim}")
         for c, h in zip(self.channels, self.heads):
             if c % h:
                 raise ValueError(f"{c} channels cannot be split into {h} heads")
@@ -44,6 +55,11 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.channels[0]
+
+    @property
+    def added_conditioning(self) -> bool:
+        """Does the UNet take SDXL's pooled text embedding and size conditioning."""
+        return self.pooled_text_dim > 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class VAEConfig:
     layers_per_block: int = 2  # res blocks per encoder level (the decoder has one more)
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # latents are multiplied by this so they have ~unit variance
+    # Run the VAE in fp32 whatever the model's dtype: SDXL's VAE overflows in fp16 (diffusers' `force_upcast`).
+    force_upcast: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -77,6 +95,12 @@ class TextConfig:
     # The tokenizer pads with this token. SD 1.x pads with the end token, SD 2.x (OpenCLIP) with "!" (id 0).
     # The padding changes the embeddings of the padding positions, which cross-attention sees.
     pad_token: str = "<|endoftext|>"
+    # What the UNet sees: "final", the last layer's hidden states through the final layer norm (SD 1.x; SD 2.x's
+    # files hold the layers up to the penultimate), or "penultimate", the hidden states entering the last layer,
+    # not normalised (SDXL, both encoders).
+    output: Literal["final", "penultimate"] = "final"
+    # Width of the projected pooled (end-of-text) embedding, 0 without projection (SDXL's OpenCLIP bigG: 1280).
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,23 @@ class ModelConfig:
     schedule: ScheduleConfig
     image_size: int = 512  # the resolution the model was trained at
     name: str = ""
+    # SDXL's second text encoder (OpenCLIP ViT-bigG): its token embeddings follow `text`'s in the UNet's context,
+    # and its projected pooled embedding conditions the UNet (unet.pooled_text_dim).
+    text_2: TextConfig | None = None
+    # The embeddings of the empty prompt "": "encoded" (SD 1.x / 2.x) or "zeros", what SDXL base was trained with
+    # for dropped captions and what its pipeline uses for an absent negative (force_zeros_for_empty_prompt).
+    empty_prompt: Literal["encoded", "zeros"] = "encoded"
+
+    def __post_init__(self) -> None:
+        u, texts = self.unet, [self.text] + ([self.text_2] if self.text_2 is not None else [])
+        width = sum(t.hidden_size for t in texts)
+        if width != u.cross_attention_dim:
+            raise ValueError(f"the text encoders give {width}-wide embeddings, the UNet cross-attends to "
+                             f"{u.cross_attention_dim}")
+        pooled = self.text_2.projection_dim if self.text_2 is not None else 0
+        if u.pooled_text_dim != pooled:
+            raise ValueError(f"the UNet takes a {u.pooled_text_dim}-dim pooled text embedding, the second text "
+                             f"encoder gives {pooled}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +158,7 @@ class ModelConfig:
         def build(cls: type, values: Any, where: str) -> Any:
             if not isinstance(values, dict):
                 raise ValueError(f"{where} must be a JSON object, got {values!r}")
-            hints = typing.get_type_hints(cls)
+            hints = {k: _optional_dataclass(h) or h for k, h in typing.get_type_hints(cls).items()}
             unknown = set(values) - set(hints)
             if unknown:
                 raise ValueError(f"unknown {cls.__name__} fields in {where}: {sorted(unknown)}")
@@ -138,7 +179,10 @@ class ModelConfig:
         missing = set(required) - set(d)
         if missing:
             raise ValueError(f"model config lacks {sorted(missing)}")
+        d = _upgrade_pre_sdxl(d)
         parts = {k: build(cls, d[k], f"config.{k}") for k, cls in required.items()}
+        if "text_2" in d and d["text_2"] is not None:
+            parts["text_2"] = build(TextConfig, d["text_2"], "config.text_2")
         config = build(ModelConfig, {**d, **parts}, "config")
         factor = config.vae.downsample_factor
         if config.image_size % factor:  # the latents of a training-size image would not be whole
@@ -186,6 +230,7 @@ TINY = ModelConfig(
         attention=(False, True),
         heads=(2, 4),
         layers_per_block=1,
+        transformer_depth=(1, 1),
         cross_attention_dim=32,
         norm_groups=8,
     ),
@@ -198,7 +243,77 @@ TINY = ModelConfig(
     name="tiny",
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21_BASE, SD21, TINY)}
+# SDXL base 1.0 (Podell et al. 2023, arXiv 2307.01952), as its released configs state it (weights_layouts/sdxl_*.json).
+SDXL = ModelConfig(
+    unet=UNetConfig(
+        channels=(320, 640, 1280),
+        attention=(False, True, True),
+        heads=(5, 10, 20),  # 64-dim heads
+        transformer_depth=(1, 2, 10),  # the mid block has 10 too; level 0 has no transformers
+        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG)
+        linear_projection=True,
+        size_embed_dim=256,
+        pooled_text_dim=1280,
+    ),
+    vae=VAEConfig(scaling_factor=0.13025, force_upcast=True),
+    text=TextConfig(output="penultimate"),  # CLIP ViT-L/14, all 12 layers kept
+    # OpenCLIP ViT-bigG/14 in CLIP form: all 32 layers (the pooled embedding needs the last), pads with "!".
+    text_2=TextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, activation="gelu",
+                      pad_token="!", output="penultimate", projection_dim=1280),
+    schedule=ScheduleConfig(),
+    image_size=1024,
+    name="sdxl",
+    empty_prompt="zeros",
+)
+
+# SDXL's structure at test size: two encoders, added conditioning, per-level depth, a first level without attention.
+TINY_XL = ModelConfig(
+    unet=UNetConfig(
+        channels=(32, 64),
+        attention=(False, True),
+        heads=(2, 4),
+        layers_per_block=1,
+        transformer_depth=(1, 2),
+        cross_attention_dim=64,
+        linear_projection=True,
+        norm_groups=8,
+        size_embed_dim=8,
+        pooled_text_dim=16,
+    ),
+    vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8, scaling_factor=0.13025, force_upcast=True),
+    text=TextConfig(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+                    output="penultimate"),
+    text_2=TextConfig(vocab_size=1000, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37,
+                      activation="gelu", pad_token="!", output="penultimate", projection_dim=16),
+    schedule=ScheduleConfig(),
+    image_size=64,
+    name="tiny-xl",
+    empty_prompt="zeros",
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21_BASE, SD21, SDXL, TINY, TINY_XL)}
+
+
+def _optional_dataclass(hint: Any) -> type | None:
+    """C for a hint `C | None` with C a config dataclass (ModelConfig.text_2), else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) and dataclasses.is_dataclass(args[0]) \
+        else None
+
+
+def _upgrade_pre_sdxl(d: dict[str, Any]) -> dict[str, Any]:
+    """A model.json written before SDXL support (one transformer depth for all levels, a single text encoder) in
+    today's fields, with exactly the values that format meant: the depth on every level, no added conditioning,
+    fp16-safe VAE, the final-layer text output, no second encoder, the encoded empty prompt."""
+    unet = d["unet"]
+    if not (isinstance(unet, dict) and isinstance(unet.get("transformer_depth"), int)
+            and not isinstance(unet["transformer_depth"], bool) and isinstance(unet.get("channels"), list)):
+        return d
+    up = lambda part, **new: {**d[part], **new} if isinstance(d[part], dict) else d[part]  # noqa: E731
+    return {**d, "text_2": None, "empty_prompt": "encoded",
+            "unet": up("unet", transformer_depth=[unet["transformer_depth"]] * len(unet["channels"]), size_embed_dim=0,
+                       pooled_text_dim=0),
+            "vae": up("vae", force_upcast=False), "text": up("text", output="final", projection_dim=0)}
 
 
 def _checked(value: Any, hint: Any, where: str) -> Any:
@@ -213,7 +328,7 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list) or not value:
             raise ValueError(f"{where} must be a non-empty list, got {value!r}")
         return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    zero_ok = where.endswith("steps_offset")
+    zero_ok = where.endswith(("steps_offset", "size_embed_dim", "pooled_text_dim", "projection_dim"))
     low_ok = (lambda v: v >= 0) if zero_ok else (lambda v: v > 0)
     if hint is bool:
         ok, kind = isinstance(value, bool), "true or false"
@@ -247,7 +362,7 @@ def _check_consistent(cls: type, v: dict[str, Any], where: str) -> None:
              f"norm_groups must divide every level's channels, got {groups} for channels {channels}")  # fmt: skip
     if cls is UNetConfig:
         levels = len(v["channels"])
-        for key in ("attention", "heads"):
+        for key in ("attention", "heads", "transformer_depth"):
             need(len(v[key]) == levels, f"{key} must have one entry per level ({levels}), got {list(v[key])}")
         for c, h in zip(v["channels"], v["heads"]):
             need(c % h == 0, f"heads must divide each level's channels, got {h} heads for {c} channels")

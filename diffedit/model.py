@@ -19,17 +19,26 @@ from transformers import CLIPTokenizer
 
 from .configs import ModelConfig
 from .ddim import NoiseSchedule, eps_from_v
-from .text import PromptEmbeddings, Prompts, as_prompt_list, build_text_model, encode_text, load_text_state_dict
-from .text import load_tokenizer, text_state_dict, tokenize
-from .unet import UNet
+from .text import PromptEmbeddings, Prompts, as_prompt_list, build_text_model, encode_text_pooled
+from .text import load_text_state_dict, load_tokenizer, text_state_dict, tokenize
+from .unet import SIZES, UNet
 from .vae import AutoencoderKL, DiagonalGaussian
-from .weights import TOKENIZER_DIR, check_state_dict, read_component, read_config, write_model_folder
+from .weights import TOKENIZER_2_DIR, TOKENIZER_DIR, check_state_dict, read_component, read_config
+from .weights import write_model_folder
 
 AttentionHook = Callable[[Tensor, bool, str], Tensor | None]
 
 
 class StableDiffusion(nn.Module):
-    def __init__(self, config: ModelConfig, tokenizer: CLIPTokenizer | None = None, *, empty: bool = False) -> None:
+    """SD 1.x / 2.x, or SDXL with its second text encoder (`text_encoder_2`, `tokenizer_2`).
+
+    dtype policy: a VAE whose config says `force_upcast` (SDXL's overflows in fp16) stays in fp32 whatever
+    `.to(dtype)` asks; images and latents are cast at its boundary."""
+
+    def __init__(
+        self, config: ModelConfig, tokenizer: CLIPTokenizer | None = None, *, empty: bool = False,
+        tokenizer_2: CLIPTokenizer | None = None,
+    ) -> None:
         """empty=True leaves the UNet and VAE parameters unallocated (meta device), for `load` to fill:
         initialising 860M random numbers only to overwrite them costs more than reading the file."""
         super().__init__()
@@ -38,10 +47,18 @@ class StableDiffusion(nn.Module):
             self.unet = UNet(config.unet)
             self.vae = AutoencoderKL(config.vae)
         self.text_encoder = build_text_model(config.text)
+        self.text_encoder_2 = build_text_model(config.text_2) if config.text_2 is not None else None
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.schedule = NoiseSchedule.from_config(config.schedule)
         self.provenance: dict[str, Any] = {}
         self.eval()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "StableDiffusion":
+        super()._apply(fn, recurse)  # .to(), .half(), .cuda() all come here
+        if self.config.vae.force_upcast and self.vae_dtype != torch.float32:
+            self.vae.float()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -51,25 +68,67 @@ class StableDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
     # ---- text -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: Prompts, clip_skip: int = 0) -> PromptEmbeddings:
-        """Prompts -> their embeddings ((B, 77, D) tokens) in the UNet's dtype, for the UNet or any stage."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass PromptEmbeddings instead of prompts")
-        ids = tokenize(self.tokenizer, as_prompt_list(prompts), self.config.text.max_length)
-        return PromptEmbeddings(encode_text(self.text_encoder, ids, clip_skip).to(self.dtype))
+        """Prompts -> their embeddings ((B, 77, D) tokens; SDXL: both encoders' tokens side by side and bigG's
+        pooled embedding) in the UNet's dtype, for the UNet or any stage.
+
+        With `config.empty_prompt == "zeros"` (SDXL) the empty prompt "" is all-zero tokens and pooled embedding:
+        SDXL was trained with zeroed conditioning for dropped captions, and its pipeline zeroes an absent negative.
+        """
+        prompts = as_prompt_list(prompts)
+        encoders = [(self.text_encoder, self.tokenizer, self.config.text)]
+        if self.config.text_2 is not None:
+            encoders.append((self.text_encoder_2, self.tokenizer_2, self.config.text_2))
+        tokens, pooled = [], None
+        for encoder, tokenizer, config in encoders:
+            if tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass PromptEmbeddings instead of prompts")
+            hidden, pooled = encode_text_pooled(encoder, tokenize(tokenizer, prompts, config.max_length), clip_skip,
+                                                config.output)
+            tokens.append(hidden)
+        # SD 1.x / 2.x: one encoder. SDXL (Podell et al. §2.1): ViT-L's then bigG's features per token; pooled: bigG's.
+        pooled = pooled if self.config.unet.added_conditioning else None
+        embeddings = PromptEmbeddings(torch.cat(tokens, dim=-1), pooled)
+        if self.config.empty_prompt == "zeros":
+            empty = torch.tensor([p == "" for p in prompts], device=embeddings.tokens.device)
+            embeddings = embeddings.map(lambda v: v.masked_fill(empty.view(-1, *[1] * (v.ndim - 1)), 0.0))
+        return embeddings.map(lambda v: v.to(self.dtype))
 
     def check_embeddings(self, embeddings: PromptEmbeddings, what: str = "prompt embeddings") -> PromptEmbeddings:
-        """Validate user-given embeddings (tokens (B, tokens, cross_attention_dim), finite) and move them here."""
+        """Validate user-given embeddings (tokens (B, tokens, cross_attention_dim), finite; SDXL: pooled
+        (B, pooled_text_dim), sizes (B, 6) or None) and move them here."""
         if not isinstance(embeddings, PromptEmbeddings):
             raise TypeError(f"{what} must be PromptEmbeddings (model.encode_prompt), got {type(embeddings).__name__}")
-        dim, tokens = self.config.unet.cross_attention_dim, embeddings.tokens
-        if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tokens.shape[-1] != dim:
-            raise ValueError(f"{what} must have tokens of shape (B, tokens, {dim}), got {tuple(tokens.shape)}")
-        if not tokens.is_floating_point() or not torch.isfinite(tokens).all():
-            raise ValueError(f"{what} hold NaN, Inf or non-float values")
+        u, tokens = self.config.unet, embeddings.tokens
+        if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tokens.shape[-1] != u.cross_attention_dim:
+            raise ValueError(f"{what} must have tokens of shape (B, tokens, {u.cross_attention_dim}), got "
+                             f"{tuple(getattr(tokens, 'shape', ()))}")
+        rows, pooled, sizes = len(tokens), embeddings.pooled, embeddings.sizes
+        if u.added_conditioning:
+            if not isinstance(pooled, Tensor) or tuple(pooled.shape) != (rows, u.pooled_text_dim):
+                raise ValueError(f"{what} of an SDXL model need pooled of shape ({rows}, {u.pooled_text_dim}), got "
+                                 f"{None if pooled is None else tuple(getattr(pooled, 'shape', ()))}")
+            if sizes is not None and (not isinstance(sizes, Tensor) or tuple(sizes.shape) != (rows, SIZES)):
+                raise ValueError(f"{what}: sizes must be None or of shape ({rows}, {SIZES}), got "
+                                 f"{tuple(getattr(sizes, 'shape', ()))}")
+        elif pooled is not None or sizes is not None:
+            raise ValueError(f"{what} carry pooled or sizes conditioning, which an SD 1.x / 2.x model does not take")
+        for v in (tokens, pooled, sizes):
+            if v is not None and (not v.is_floating_point() or not torch.isfinite(v).all()):
+                raise ValueError(f"{what} hold NaN, Inf or non-float values")
         return embeddings.map(lambda v: v.to(self.device, self.dtype))
+
+    def size_conditioning(self, latents: Tensor) -> Tensor:
+        """SDXL's default size conditioning for `latents` (B, C, h, w): original and target size the image's own
+        (h, w) in pixels, crop (0, 0), what SDXL's pipeline passes for an uncropped image of that size. (B, 6)."""
+        h, w = (s * self.config.vae.downsample_factor for s in latents.shape[-2:])
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=latents.device).expand(len(latents), -1)
 
     # ---- images <-> latents -------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,7 +139,7 @@ class StableDiffusion(nn.Module):
         factor = self.config.vae.downsample_factor
         if images.shape[-1] % factor or images.shape[-2] % factor:
             raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[-2:])}")
-        return self.vae.encode(images.to(self.device, self.dtype) * 2 - 1)
+        return self.vae.encode(images.to(self.device, self.vae_dtype) * 2 - 1)
 
     def posterior_latents(
         self, posterior: DiagonalGaussian, generator: torch.Generator | None = None, sample: bool = False,
@@ -92,7 +151,7 @@ class StableDiffusion(nn.Module):
         if repeat > 1:
             posterior = DiagonalGaussian(*(m.repeat_interleave(repeat, 0) for m in (posterior.mean, posterior.logvar)))
         latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * self.config.vae.scaling_factor
+        return (latents * self.config.vae.scaling_factor).to(self.dtype)
 
     def encode_image(
         self, images: Tensor, generator: torch.Generator | None = None, sample: bool = False, repeat: int = 1
@@ -108,7 +167,7 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
-        images = self.vae.decode(latents.to(self.device, self.dtype) / self.config.vae.scaling_factor)
+        images = self.vae.decode(latents.to(self.device, self.vae_dtype) / self.config.vae.scaling_factor)
         return ((images + 1) / 2).clamp(0, 1)
 
     # ---- the denoiser -------------------------------------------------------------------------------
@@ -128,14 +187,21 @@ class StableDiffusion(nn.Module):
         [uncond; cond]. g == 1 or uncond None: the conditional output alone (half the work).
         """
         if uncond is None or guidance == 1.0:
-            return self.unet(x, t, cond.tokens, attention_hook=attention_hook)
+            return self._unet(x, t, cond, attention_hook)
         if uncond.tokens.shape != cond.tokens.shape:
             raise ValueError(f"uncond {tuple(uncond.tokens.shape)} and cond {tuple(cond.tokens.shape)} must have "
                              "the same shape")
         t2 = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 else t
         both = PromptEmbeddings.cat([uncond, cond])
-        out_uncond, out_cond = self.unet(torch.cat([x, x]), t2, both.tokens, attention_hook).chunk(2)
+        out_uncond, out_cond = self._unet(torch.cat([x, x]), t2, both, attention_hook).chunk(2)
         return out_uncond + guidance * (out_cond - out_uncond)
+
+    def _unet(self, x: Tensor, t: int | Tensor, cond: PromptEmbeddings, attention_hook: AttentionHook | None) -> Tensor:
+        """One UNet call conditioned on everything `cond` holds (SDXL: pooled and sizes, the image's by default)."""
+        if not self.config.unet.added_conditioning:
+            return self.unet(x, t, cond.tokens, attention_hook)
+        sizes = cond.sizes if cond.sizes is not None else self.size_conditioning(x)
+        return self.unet(x, t, cond.tokens, attention_hook, pooled=cond.pooled, sizes=sizes)
 
     @torch.no_grad()
     def noise_estimate(
@@ -160,20 +226,25 @@ class StableDiffusion(nn.Module):
 
     # ---- files --------------------------------------------------------------------------------------
     def state_dicts(self) -> dict[str, dict[str, Tensor]]:
-        return {
+        tensors = {
             "unet": self.unet.state_dict(),
             "vae": self.vae.state_dict(),
             "text_encoder": text_state_dict(self.text_encoder),
         }
+        if self.text_encoder_2 is not None:
+            tensors["text_encoder_2"] = text_state_dict(self.text_encoder_2)
+        return tensors
 
     def save(self, folder: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
-        if self.tokenizer is None:
-            raise ValueError("cannot save a model without a tokenizer")
+        if self.tokenizer is None or (self.text_encoder_2 is not None and self.tokenizer_2 is None):
+            raise ValueError("cannot save a model without its tokenizers")
         with tempfile.TemporaryDirectory(prefix="diffedit-") as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            return write_model_folder(
-                folder, self.config, self.state_dicts(), tmp, self.provenance, dtype=dtype, force=force
-            )
+            self.tokenizer.save_pretrained(Path(tmp) / "1")
+            second = None
+            if self.tokenizer_2 is not None:
+                self.tokenizer_2.save_pretrained(second := Path(tmp) / "2")
+            return write_model_folder(folder, self.config, self.state_dicts(), Path(tmp) / "1", self.provenance,
+                                      dtype=dtype, force=force, tokenizer_2_dir=second)
 
 
 def load(
@@ -187,7 +258,8 @@ def load(
         raise FileNotFoundError(f"model folder {folder} does not exist")
     config, provenance = read_config(folder)
     tokenizer = load_tokenizer(folder / TOKENIZER_DIR, config.text)
-    model = StableDiffusion(config, tokenizer, empty=True)
+    tokenizer_2 = load_tokenizer(folder / TOKENIZER_2_DIR, config.text_2) if config.text_2 is not None else None
+    model = StableDiffusion(config, tokenizer, empty=True, tokenizer_2=tokenizer_2)
     for name, module in (("unet", model.unet), ("vae", model.vae)):
         tensors = read_component(folder, name)
         check_state_dict(tensors, {k: v.shape for k, v in module.state_dict().items()}, name)
@@ -196,5 +268,7 @@ def load(
         # take another path whose results differ in the last bits from the same weights saved in memory.
         module.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True, assign=True)
     load_text_state_dict(model.text_encoder, read_component(folder, "text_encoder"))
+    if model.text_encoder_2 is not None:
+        load_text_state_dict(model.text_encoder_2, read_component(folder, "text_encoder_2"), "text encoder 2")
     model.provenance = provenance
     return model.to(device=device, dtype=dtype).eval()

@@ -4,6 +4,10 @@ The text encoder is transformers' CLIPTextModel (Radford et al. 2021, "Learning 
 From Natural Language Supervision"), used exactly as Stable Diffusion uses it: the whole 77-token sequence
 of the last (or, with clip_skip, an earlier) layer, passed through the final layer norm; no attention
 mask, so padding tokens are part of the context. SD 1.x pads with the end token, SD 2.x with "!".
+
+SDXL (Podell et al. 2023, §2.1) has two encoders, CLIP ViT-L and OpenCLIP ViT-bigG (CLIPTextModelWithProjection):
+the context is both encoders' penultimate hidden states (no final layer norm) side by side, and the pooled
+embedding is bigG's projected end-of-text state of its last layer.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .configs import TextConfig
 from .weights import check_state_dict
@@ -35,6 +39,10 @@ class PromptEmbeddings:
     """
 
     tokens: Tensor  # (B, tokens, cross_attention_dim): the sequence the UNet cross-attends to
+    pooled: Tensor | None = None  # (B, pooled_text_dim): SDXL's pooled text embedding; None for SD 1.x / 2.x
+    # (B, 6) SDXL size conditioning in pixels: original (h, w), crop top-left (top, left), target (h, w). None: the
+    # image's own size, uncropped (StableDiffusion.unet_output fills it in from the latents).
+    sizes: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,6 +66,9 @@ class PromptEmbeddings:
         """The rows of `items` one after another (one batched UNet call for several prompt lists)."""
         first = items[0]
         names = [k.name for k in dataclasses.fields(first) if isinstance(getattr(first, k.name), Tensor)]
+        for e in items:
+            if [k.name for k in dataclasses.fields(e) if isinstance(getattr(e, k.name), Tensor)] != names:
+                raise ValueError(f"cannot join embeddings with fields {names} and embeddings without some of them")
         return dataclasses.replace(first, **{k: torch.cat([getattr(e, k) for e in items]) for k in names})
 
 
@@ -65,8 +76,12 @@ Prompts = str | Sequence[str]
 PromptInput = str | Sequence[str] | PromptEmbeddings  # what a stage takes: text, or what encode_prompt returned
 
 
-def build_text_model(config: TextConfig) -> CLIPTextModel:
-    """A CLIPTextModel with random weights and exactly the architecture of `config`."""
+TextModel = CLIPTextModel | CLIPTextModelWithProjection
+
+
+def build_text_model(config: TextConfig) -> TextModel:
+    """A CLIPTextModel (CLIPTextModelWithProjection with a projection) with random weights and exactly the
+    architecture of `config`."""
     hf_config = CLIPTextConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -76,15 +91,16 @@ def build_text_model(config: TextConfig) -> CLIPTextModel:
         max_position_embeddings=config.max_length,
         hidden_act=config.activation,
         layer_norm_eps=config.layer_norm_eps,
-        # Token ids only matter for the pooled output, which SD never uses; eos 2 keeps transformers'
-        # argmax pooling, valid for any vocabulary.
+        projection_dim=config.projection_dim or 512,
+        # Token ids only matter for the pooled output (SDXL's): eos 2 keeps transformers' argmax pooling, the
+        # position of the highest id, which is the end token in CLIP's vocabulary (and in write_tokenizer's).
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
     )
     # Stated, not left to the library's choice: SDPA is the same math as the eager path.
     hf_config._attn_implementation = "sdpa"
-    return CLIPTextModel(hf_config).eval()
+    return (CLIPTextModelWithProjection if config.projection_dim else CLIPTextModel)(hf_config).eval()
 
 
 def load_tokenizer(folder: str | os.PathLike[str], config: TextConfig) -> CLIPTokenizer:
@@ -119,21 +135,35 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Prompts, max_length: int) -> Ten
     return ids.input_ids
 
 
-@torch.no_grad()
-def encode_text(model: CLIPTextModel, input_ids: Tensor, clip_skip: int = 0) -> Tensor:
-    """Token ids -> (B, 77, hidden) embeddings.
+def encode_text(model: TextModel, input_ids: Tensor, clip_skip: int = 0, output: str = "final") -> Tensor:
+    """Token ids -> (B, 77, hidden) embeddings (`encode_text_pooled` without the pooled embedding)."""
+    return encode_text_pooled(model, input_ids, clip_skip, output)[0]
 
-    clip_skip = k takes the output of the k-th layer from the end (k = 0: the last layer); the final layer
-    norm is applied in every case, as the diffusers / A1111 convention does.
+
+@torch.no_grad()
+def encode_text_pooled(
+    model: TextModel, input_ids: Tensor, clip_skip: int = 0, output: str = "final"
+) -> tuple[Tensor, Tensor | None]:
+    """Token ids -> (B, 77, hidden) embeddings, and the (B, projection_dim) pooled embedding of a model with a
+    projection (None otherwise).
+
+    output "final": clip_skip = k takes the output of the k-th layer from the end (k = 0: the last layer), through
+    the final layer norm, as the diffusers / A1111 convention does. "penultimate" (SDXL): the hidden states k + 1
+    layers from the end, not normalised (diffusers' SDXL `hidden_states[-(clip_skip + 2)]`). The pooled embedding
+    always comes from the last layer.
     """
-    layers = model.config.num_hidden_layers
-    if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-        raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
+    layers, extra = model.config.num_hidden_layers, int(output == "penultimate")
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < layers - extra:
+        raise ValueError(f"clip_skip must be an integer in [0, {layers - 1 - extra}], got {clip_skip!r}")
+    skipped = clip_skip + extra  # layers left out at the end
     device = next(model.parameters()).device
-    out = model(input_ids.to(device), output_hidden_states=clip_skip > 0)
+    out = model(input_ids.to(device), output_hidden_states=skipped > 0)
+    pooled = out.text_embeds if isinstance(model, CLIPTextModelWithProjection) else None
+    if output == "penultimate":
+        return out.hidden_states[-(skipped + 1)], pooled
     if clip_skip == 0:
-        return out.last_hidden_state
-    return model.get_submodule(_prefix(model) + "final_layer_norm")(out.hidden_states[-(clip_skip + 1)])
+        return out.last_hidden_state, pooled
+    return model.get_submodule(_prefix(model) + "final_layer_norm")(out.hidden_states[-(clip_skip + 1)]), pooled
 
 
 # On disk, text encoder tensors keep the names of the real SD files ("text_model.encoder.layers.0...").
@@ -141,27 +171,32 @@ def encode_text(model: CLIPTextModel, input_ids: Tensor, clip_skip: int = 0) -> 
 FILE_PREFIX = "text_model."
 
 
-def _prefix(model: CLIPTextModel) -> str:
+PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's projection, beside text_model.*
+
+
+def _prefix(model: TextModel) -> str:
     return FILE_PREFIX if hasattr(model, "text_model") else ""
 
 
-def text_state_dict(model: CLIPTextModel) -> dict[str, Tensor]:
+def text_state_dict(model: TextModel) -> dict[str, Tensor]:
     """The model's tensors under the on-disk names."""
-    strip = len(_prefix(model))
+    prefix = _prefix(model)
     return {
-        FILE_PREFIX + k[strip:]: v for k, v in model.state_dict().items() if not k.endswith("position_ids")
+        FILE_PREFIX + k[len(prefix) :] if k != PROJECTION else k: v
+        for k, v in model.state_dict().items() if not k.endswith("position_ids")
     }
 
 
-def load_text_state_dict(model: CLIPTextModel, tensors: dict[str, Tensor]) -> None:
+def load_text_state_dict(model: TextModel, tensors: dict[str, Tensor], what: str = "text encoder") -> None:
     """Load on-disk tensors strictly (position_ids, a constant buffer in some files, may be present or not)."""
-    bad = [k for k in tensors if not k.startswith(FILE_PREFIX)]
+    bad = [k for k in tensors if not k.startswith(FILE_PREFIX) and k != PROJECTION]
     if bad:
-        raise ValueError(f"text encoder tensors outside {FILE_PREFIX!r}: {bad[:10]}")
+        raise ValueError(f"{what} tensors outside {FILE_PREFIX!r}: {bad[:10]}")
     prefix = _prefix(model)
     wanted = {k for k in model.state_dict() if not k.endswith("position_ids")}
-    given = {prefix + k[len(FILE_PREFIX) :]: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    check_state_dict(given, {k: model.state_dict()[k].shape for k in wanted}, "text encoder")
+    given = {prefix + k[len(FILE_PREFIX) :] if k != PROJECTION else k: v
+             for k, v in tensors.items() if not k.endswith("position_ids")}
+    check_state_dict(given, {k: model.state_dict()[k].shape for k in wanted}, what)
     model.load_state_dict(given, strict=False)  # strict by the check above; position_ids is a buffer
 
 

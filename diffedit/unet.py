@@ -8,10 +8,13 @@ References:
 - Vaswani et al. 2017, "Attention Is All You Need" (arXiv 1706.03762): scaled dot-product attention and the
   sinusoidal position (here: timestep) embedding.
 - Shazeer 2020, "GLU Variants Improve Transformer" (arXiv 2002.05202): the GEGLU feed-forward.
+- Podell et al. 2023, "SDXL" (arXiv 2307.01952): per-level transformer depth and the added conditioning (pooled
+  text embedding and six size numbers, §2.2) summed into the time embedding.
 
 Layout of the module tree (the state-dict names are ours; `weights_convert.diffusers` maps diffusers' names):
 
     time_embed.linear1/linear2              sinusoidal features of t -> 2-layer SiLU MLP
+    add_embed.linear1/linear2               SDXL only: [pooled text; sinusoidal features of 6 sizes] -> MLP
     in_conv
     down[i].res[j], down[i].attn[j]          level i, from the finest resolution to the coarsest
     down[i].downsample                      all levels but the last
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from diffedit.configs import UNetConfig
 
 AttentionHook = Callable[[Tensor, bool, str], "Tensor | None"]
+SIZES = 6  # SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w)
 
 
 def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -62,15 +66,17 @@ def to_feature_map(tokens: Tensor, size: torch.Size | tuple[int, int]) -> Tensor
     return tokens.transpose(1, 2).unflatten(2, tuple(size))
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, channels: int, dim: int) -> None:
+class EmbeddingMLP(nn.Module):
+    """Features -> Linear -> SiLU -> Linear: the time embedding (from the timestep's sinusoidal features) and
+    SDXL's added embedding (from the pooled text and the sizes' features)."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(channels, dim)
+        self.linear1 = nn.Linear(in_features, dim)
         self.linear2 = nn.Linear(dim, dim)
 
-    def forward(self, t: Tensor) -> Tensor:
-        features = timestep_features(t, self.linear1.in_features).to(self.linear1.weight.dtype)
-        return self.linear2(F.silu(self.linear1(features)))
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear2(F.silu(self.linear1(features.to(self.linear1.weight.dtype))))
 
 
 class ResBlock(nn.Module):
@@ -178,7 +184,7 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens (one per pixel) -> transformer blocks -> feature map, added to the input."""
 
-    def __init__(self, channels: int, heads: int, config: UNetConfig) -> None:
+    def __init__(self, channels: int, heads: int, depth: int, config: UNetConfig) -> None:
         super().__init__()
         # eps 1e-6 (not config.norm_eps) is what the released weights were trained with.
         self.norm = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
@@ -190,7 +196,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(
             TransformerBlock(channels, heads, config.cross_attention_dim, config.upcast_attention)
-            for _ in range(config.transformer_depth)
+            for _ in range(depth)
         )
         if self.linear:
             self.proj_out = nn.Linear(channels, channels)
@@ -240,7 +246,8 @@ def _res_block(config: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
 def _transformers(config: UNetConfig, level: int, channels: int, count: int) -> nn.ModuleList:
     """One transformer after each of the `count` res blocks of an attention level; none elsewhere."""
     count = count if config.attention[level] else 0
-    return nn.ModuleList(SpatialTransformer(channels, config.heads[level], config) for _ in range(count))
+    depth = config.transformer_depth[level]
+    return nn.ModuleList(SpatialTransformer(channels, config.heads[level], depth, config) for _ in range(count))
 
 
 class DownLevel(nn.Module):
@@ -300,8 +307,8 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, config: UNetConfig) -> None:
         super().__init__()
         self.res1 = _res_block(config, channels, channels)
-        # The bottleneck always attends, with the last level's head count, even where that level does not.
-        self.attn = SpatialTransformer(channels, config.heads[-1], config)
+        # The bottleneck always attends, with the last level's head count and depth, even where that level does not.
+        self.attn = SpatialTransformer(channels, config.heads[-1], config.transformer_depth[-1], config)
         self.res2 = _res_block(config, channels, channels)
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor, hook: AttentionHook | None) -> Tensor:
@@ -316,7 +323,9 @@ class UNet(nn.Module):
         self.config = config
         ch = config.channels
         levels = len(ch)
-        self.time_embed = TimestepEmbedding(ch[0], config.time_embed_dim)
+        self.time_embed = EmbeddingMLP(ch[0], config.time_embed_dim)
+        if config.added_conditioning:
+            self.add_embed = EmbeddingMLP(config.pooled_text_dim + SIZES * config.size_embed_dim, config.time_embed_dim)
         self.in_conv = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
 
         # Track the width of every skip tensor the down path emits; the up path consumes them in reverse.
@@ -345,13 +354,19 @@ class UNet(nn.Module):
                 module.place = name
 
     def forward(
-        self, x: Tensor, t: Tensor | int, context: Tensor, attention_hook: AttentionHook | None = None
+        self, x: Tensor, t: Tensor | int, context: Tensor, attention_hook: AttentionHook | None = None, *,
+        pooled: Tensor | None = None, sizes: Tensor | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) latents, any h and w (odd sizes are halved rounding up, and each up level
         returns to its skip's size, as diffusers does); t: an int, a 0-d or a (B,) tensor of timesteps;
-        context: (B, tokens, cross_attention_dim) text embeddings. Returns the prediction, shaped like x."""
-        t = self._check_inputs(x, t, context)
-        emb = self.time_embed(t)
+        context: (B, tokens, cross_attention_dim) text embeddings. SDXL also takes `pooled` (B, pooled_text_dim),
+        the pooled text embedding, and `sizes` (B, 6): original (h, w), crop (top, left), target (h, w) in pixels.
+        Returns the prediction, shaped like x."""
+        t = self._check_inputs(x, t, context, pooled, sizes)
+        emb = self.time_embed(timestep_features(t, self.config.channels[0]))
+        if self.config.added_conditioning:  # SDXL §2.2: the conditioning is summed into the time embedding
+            size_features = timestep_features(sizes.reshape(-1), self.config.size_embed_dim).reshape(len(x), -1)
+            emb = emb + self.add_embed(torch.cat([pooled.float(), size_features], dim=1))
         h = self.in_conv(x)
         skips = [h]
         for level in self.down:
@@ -362,7 +377,9 @@ class UNet(nn.Module):
             h = level(h, skips, emb, context, attention_hook)
         return self.out_conv(F.silu(self.out_norm(h)))
 
-    def _check_inputs(self, x: Tensor, t: Tensor | int, context: Tensor) -> Tensor:
+    def _check_inputs(
+        self, x: Tensor, t: Tensor | int, context: Tensor, pooled: Tensor | None, sizes: Tensor | None
+    ) -> Tensor:
         """Validate shapes with readable messages; return t as a (B,) tensor."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
@@ -372,6 +389,15 @@ class UNet(nn.Module):
             raise ValueError(
                 f"context must be ({batch}, tokens, {c.cross_attention_dim}), got {tuple(context.shape)}"
             )
+        if c.added_conditioning:
+            if pooled is None or pooled.shape != (batch, c.pooled_text_dim):
+                raise ValueError(f"this UNet needs pooled text embeddings ({batch}, {c.pooled_text_dim}), got "
+                                 f"{None if pooled is None else tuple(pooled.shape)}")
+            if sizes is None or sizes.shape != (batch, SIZES):
+                raise ValueError(f"this UNet needs size conditioning ({batch}, {SIZES}), got "
+                                 f"{None if sizes is None else tuple(sizes.shape)}")
+        elif pooled is not None or sizes is not None:
+            raise ValueError("this UNet takes no pooled embedding or size conditioning (an SD 1.x / 2.x model)")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
             raise ValueError(f"t must be a number or a ({batch},) tensor, got shape {tuple(t.shape)}")

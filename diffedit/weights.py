@@ -3,6 +3,7 @@
 A model folder holds
     unet.safetensors  vae.safetensors  text_encoder.safetensors   tensors under our own names
     tokenizer/                                                    CLIPTokenizer files
+    text_encoder_2.safetensors  tokenizer_2/                      SDXL's second text encoder and its tokenizer
     model.json        {"format": ..., "config": ModelConfig as a dict, "provenance": {...}}
 """
 
@@ -30,6 +31,12 @@ from .configs import ModelConfig
 FORMAT = "diffedit-v1"
 COMPONENTS = ("unet", "vae", "text_encoder")
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"
+
+
+def components(config: ModelConfig) -> tuple[str, ...]:
+    """The tensor files of a model folder: SDXL's adds text_encoder_2."""
+    return COMPONENTS + (("text_encoder_2",) if config.text_2 is not None else ())
 CONFIG_FILE = "model.json"
 
 
@@ -158,16 +165,19 @@ def write_model_folder(
     *,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    tokenizer_2_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a model folder atomically: everything goes to a temporary sibling that is renamed into place
     at the end, so a failure or interruption never leaves a half-written `out`.
 
-    `tensors` maps each of COMPONENTS to its state dict (our names). An existing `out` is replaced only
-    with `force=True`.
+    `tensors` maps each of `components(config)` to its state dict (our names); SDXL's second tokenizer comes from
+    `tokenizer_2_dir`. An existing `out` is replaced only with `force=True`.
     """
     out = Path(out)
-    if sorted(tensors) != sorted(COMPONENTS):
-        raise ValueError(f"expected tensors for {COMPONENTS}, got {sorted(tensors)}")
+    if sorted(tensors) != sorted(components(config)):
+        raise ValueError(f"expected tensors for {components(config)}, got {sorted(tensors)}")
+    if (tokenizer_2_dir is None) != (config.text_2 is None):
+        raise ValueError("a second tokenizer goes with a second text encoder (SDXL), and only with one")
     if (out.exists() or out.is_symlink()) and not force:  # checked before any work, and again at the swap
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     with atomic_folder(out, force) as tmp:
@@ -178,6 +188,8 @@ def write_model_folder(
             }
             save_file(state, str(tmp / f"{name}.safetensors"))
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        if tokenizer_2_dir is not None:
+            shutil.copytree(tokenizer_2_dir, tmp / TOKENIZER_2_DIR)
         meta = {"format": FORMAT, "config": config.to_dict(), "provenance": provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out

@@ -56,6 +56,9 @@ def diffusers_unet_kwargs(c: UNetConfig) -> dict[str, Any]:
         freq_shift=0,
         act_fn="silu",
         downsample_padding=1,
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=c.size_embed_dim,
+                projection_class_embeddings_input_dim=c.pooled_text_dim + 6 * c.size_embed_dim)
+           if c.added_conditioning else {}),
     )
 
 

@@ -41,6 +41,8 @@ _VAE_ATTENTION = {"group_norm": "norm", **_ATTENTION}
 _UNET_PLACES: list[tuple[str, str, dict[str, str]]] = [
     ("time_embedding.linear_1", "time_embed.linear1", _LEAF),
     ("time_embedding.linear_2", "time_embed.linear2", _LEAF),
+    ("add_embedding.linear_1", "add_embed.linear1", _LEAF),  # SDXL's added (pooled text + sizes) embedding
+    ("add_embedding.linear_2", "add_embed.linear2", _LEAF),
     ("conv_in", "in_conv", _LEAF),
     ("down_blocks.#.resnets.#", "down.#.res.#", _RES),
     ("down_blocks.#.attentions.#", "down.#.attn.#", _TRANSFORMER),

@@ -91,9 +91,9 @@ def config_from_diffusers(
         if u.get(key, 4) != 4:
             problems.append(f"unet: {key} {u[key]} (inpainting or depth model?): only 4 is supported")
     layers, depth = u.get("layers_per_block", 2), u.get("transformer_layers_per_block", 1)
-    for key, value in (("layers_per_block", layers), ("transformer_layers_per_block", depth)):
-        if not isinstance(value, int):
-            problems.append(f"unet: {key} {value!r}: only one value for all levels is supported")
+    if not isinstance(layers, int):
+        problems.append(f"unet: layers_per_block {layers!r}: only one value for all levels is supported")
+    depth = tuple(depth) if isinstance(depth, list) else (depth,) * len(channels)  # one value: every level
     # VAE
     vae_levels = len(v.get("block_out_channels", ()))
     if v.get("down_block_types") != ["DownEncoderBlock2D"] * vae_levels or v.get("up_block_types") != [
@@ -182,7 +182,7 @@ def diffusers_configs(config: ModelConfig, dtype_name: str = "float32") -> dict[
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention)],
         "attention_head_dim": list(u.heads),  # diffusers' name for the number of heads in SD's UNet
-        "layers_per_block": u.layers_per_block, "transformer_layers_per_block": u.transformer_depth,
+        "layers_per_block": u.layers_per_block, "transformer_layers_per_block": list(u.transformer_depth),
         "cross_attention_dim": u.cross_attention_dim, "use_linear_projection": u.linear_projection,
         "upcast_attention": u.upcast_attention, "norm_num_groups": u.norm_groups, "norm_eps": u.norm_eps,
         "dropout": 0.0,

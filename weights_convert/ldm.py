@@ -89,14 +89,14 @@ def unet_resblock(cin: int, cout: int, emb: int) -> list[Rule]:
     ]
 
 
-def unet_transformer(c: int, cfg: UNetConfig) -> list[Rule]:
+def unet_transformer(c: int, depth: int, cfg: UNetConfig) -> list[Rule]:
     """SpatialTransformer: its inner names are the same in both formats; only its prefix moves."""
     if cfg.linear_projection:  # SD 2.x
         proj = linear("proj_in", "proj_in", c, c) + linear("proj_out", "proj_out", c, c)
     else:  # SD 1.x: 1x1 convolutions
         proj = conv("proj_in", "proj_in", c, c, 1) + conv("proj_out", "proj_out", c, c, 1)
     rules = norm("norm", "norm", c) + proj
-    for d in range(cfg.transformer_depth):
+    for d in range(depth):
         block: list[Rule] = []
         for attn, context in (("attn1", c), ("attn2", cfg.cross_attention_dim)):  # self-, then cross-attention
             block += linear(f"{attn}.to_q", f"{attn}.to_q", c, c, bias=False)
@@ -132,7 +132,8 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
             i, dst = 1 + level * (n + 1) + j, f"down_blocks.{level}"
             rules += under(f"input_blocks.{i}.0", f"{dst}.resnets.{j}", unet_resblock(ch, width, emb))
             if cfg.attention[level]:
-                rules += under(f"input_blocks.{i}.1", f"{dst}.attentions.{j}", unet_transformer(width, cfg))
+                rules += under(f"input_blocks.{i}.1", f"{dst}.attentions.{j}",
+                              unet_transformer(width, cfg.transformer_depth[level], cfg))
             ch = width
             skips.append(ch)
         if level < levels - 1:
@@ -142,7 +143,7 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
 
     ch = cfg.channels[-1]  # the middle block always has attention in SD
     rules += under("middle_block.0", "mid_block.resnets.0", unet_resblock(ch, ch, emb))
-    rules += under("middle_block.1", "mid_block.attentions.0", unet_transformer(ch, cfg))
+    rules += under("middle_block.1", "mid_block.attentions.0", unet_transformer(ch, cfg.transformer_depth[-1], cfg))
     rules += under("middle_block.2", "mid_block.resnets.1", unet_resblock(ch, ch, emb))
 
     for up, level in enumerate(reversed(range(levels))):
@@ -152,7 +153,8 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
             rules += under(f"output_blocks.{i}.0", f"{dst}.resnets.{j}", unet_resblock(ch + skips.pop(), width, emb))
             ch = width
             if cfg.attention[level]:
-                rules += under(f"output_blocks.{i}.1", f"{dst}.attentions.{j}", unet_transformer(width, cfg))
+                rules += under(f"output_blocks.{i}.1", f"{dst}.attentions.{j}",
+                              unet_transformer(width, cfg.transformer_depth[level], cfg))
             if level > 0 and j == n:  # the Upsample follows the attention, if there is one
                 k = 2 if cfg.attention[level] else 1
                 rules += conv(f"output_blocks.{i}.{k}.conv", f"{dst}.upsamplers.0.conv", ch, ch, 3)

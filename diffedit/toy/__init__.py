@@ -27,7 +27,7 @@ TOY_CONFIG = ModelConfig(
         attention=(False, True, True),
         heads=(2, 4, 4),  # 16-dim heads
         layers_per_block=1,
-        transformer_depth=1,
+        transformer_depth=(1, 1, 1),
         cross_attention_dim=64,  # = text hidden size
         norm_groups=8,
     ),
