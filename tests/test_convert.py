@@ -600,90 +600,14 @@ def test_hub_snapshot_through_the_cli(tmp_path: Path, tiny_src: Path) -> None:
     assert (exported / "model_index.json").is_file() and not (tmp_path / "x").exists()
 
 
-# ---- hardening: OUT over a file, OUT and SRC nested, SIGTERM, stale temporaries ------------------------------------
-def test_force_over_a_regular_file_replaces_it_cleanly(tmp_path: Path, tiny_src: Path, capsys) -> None:
-    out = tmp_path / "out"
-    out.write_text("a file where the model folder goes")
-    assert main([str(tiny_src), str(out), "--quiet"]) == 2
-    assert "exists" in capsys.readouterr().err and out.read_text().startswith("a file")
-    assert main([str(tiny_src), str(out), "--quiet", "--force"]) == 0
-    assert (out / "model.json").is_file() and leftovers(tmp_path) == []
-    load(out)  # the replacement is a whole model
-
-
-@pytest.mark.parametrize("where, words", [("same", "OUT is SRC"), ("inside", "OUT is inside SRC"),
-                                          ("holds", "SRC is inside OUT")])
-def test_out_that_would_destroy_the_source_is_refused(tmp_path: Path, tiny_src: Path, capsys, where, words) -> None:
-    src = tmp_path / "src"
-    shutil.copytree(tiny_src, src / "model")
-    source = src / "model"
-    out = {"same": source, "inside": source / "sub", "holds": src}[where]
-    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert main([str(source), str(out), "--quiet", "--force"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and "destroy the source" in err[0]
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
-
-
-def test_sigterm_midway_leaves_nothing_and_a_stale_temporary_is_removed(tmp_path: Path, tiny_src: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch,
-                                                                         capsys) -> None:
-    import signal
-
-    def terminated_save(tensors, path, *args, **kwargs):  # the signal arrives while the weights are written
-        os.kill(os.getpid(), signal.SIGTERM)
-        return save_file(tensors, path, *args, **kwargs)
-
-    monkeypatch.setattr(diffedit.weights, "save_file", terminated_save)
-    out = tmp_path / "out"
-    assert main([str(tiny_src), str(out), "--quiet"]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    assert not out.exists() and leftovers(tmp_path) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
-
-    monkeypatch.setattr(diffedit.weights, "save_file", save_file)
-    stale = tmp_path / ".out.abc123.tmp"  # as a SIGKILL leaves it
-    stale.mkdir()
-    (stale / "unet.safetensors").write_bytes(b"half")
-    assert main([str(tiny_src), str(out), "--quiet"]) == 0
-    assert "removing" in capsys.readouterr().err and leftovers(tmp_path) == [] and (out / "model.json").is_file()
-
-
+# ---- the parser's refusals (OUT over a file, OUT and SRC nested, SIGTERM, stale temporaries, corrupt components,
+# bad diffusers configs, mistyped sources: tests/test_weights_errors.py) --------------------------------------------
 @pytest.mark.parametrize("size", ["-5", "0", "100", "abc"])
 def test_bad_image_size_is_refused_by_the_parser(tmp_path: Path, tiny_src: Path, capsys, size: str) -> None:
     with pytest.raises(SystemExit) as info:
         main([str(tiny_src), str(tmp_path / "out"), "--image-size", size, "--quiet"])
     assert info.value.code == 2 and "--image-size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_corrupt_component_in_the_export_names_the_file(tmp_path: Path, tiny_src: Path, capsys) -> None:
-    model = tmp_path / "model"
-    assert main([str(tiny_src), str(model), "--quiet"]) == 0
-    (model / "vae.safetensors").write_bytes(b"\x00" * 7)  # truncated
-    assert main([str(model), str(tmp_path / "exported"), "--to", "diffusers", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "vae.safetensors is not a readable safetensors file" in err[0]
-    assert not (tmp_path / "exported").exists() and leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize("content, words", [("[1, 2]", "must hold a JSON object, got a list"),
-                                            ("{not json", "is not valid JSON")])
-def test_bad_diffusers_config_names_the_file(tmp_path: Path, tiny_src: Path, capsys, content: str, words) -> None:
-    src = tmp_path / "src"
-    shutil.copytree(tiny_src, src)
-    (src / "unet" / "config.json").write_text(content)
-    assert main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unet/config.json" in err[0] and words in err[0]
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("src", ["./models/sd15x", "models/sd15x/unet", "../nowhere/model"])
-def test_a_mistyped_local_path_is_not_reported_as_a_hub_fetch(tmp_path: Path, capsys, src: str) -> None:
-    assert main([src, str(tmp_path / "out"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "no such file or folder" in err and "hub" in err and "cannot fetch" not in err
 
 
 @torch.no_grad()
