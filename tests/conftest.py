@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny random Stable Diffusion (TINY config) with its own small tokenizer."""
+"""Shared fixtures: a tiny random Stable Diffusion (TINY config) with its own small tokenizer.
+
+A stage test module (test_edit, test_chain, test_stage_properties) gets its own module-scoped `model` and `images`
+from here: it names the weights' seed in MODEL_SEED and its input batch in IMAGE_COUNT / IMAGE_SEED (16x16 images,
+8x8 latents)."""
 
 from __future__ import annotations
 
@@ -45,3 +49,20 @@ def make_tiny_model(tokenizer_dir: Path, prediction_type: str = "epsilon", seed:
 @pytest.fixture(scope="session", params=["epsilon", "v_prediction"])
 def tiny_model(request: pytest.FixtureRequest, tokenizer_dir: Path):
     return make_tiny_model(tokenizer_dir, request.param)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A CPU generator: the same bits on every device."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def model(request: pytest.FixtureRequest, tokenizer_dir: Path):
+    """The module's TINY epsilon model, its weights seeded with the module's MODEL_SEED."""
+    return make_tiny_model(tokenizer_dir, "epsilon", seed=request.module.MODEL_SEED)
+
+
+@pytest.fixture(scope="module")
+def images(request: pytest.FixtureRequest) -> torch.Tensor:
+    """The module's input: IMAGE_COUNT uniform random 16x16 RGB images in [0, 1], drawn with IMAGE_SEED."""
+    return torch.rand(request.module.IMAGE_COUNT, 3, 16, 16, generator=seeded(request.module.IMAGE_SEED))

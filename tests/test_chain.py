@@ -2,49 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from diffedit import edit, edit_image, generate_mask, invert
 
-from .conftest import make_tiny_model
+from .conftest import seeded
 
 STEPS = 6
 SOURCE, TARGET = "a bowl of fruits", "a bowl of pears"
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer_dir: Path):
-    return make_tiny_model(tokenizer_dir, "epsilon", seed=11)
-
-
-@pytest.fixture(scope="module")
-def image() -> torch.Tensor:
-    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+MODEL_SEED, IMAGE_COUNT, IMAGE_SEED = 11, 1, 4  # conftest's `model` and `images`
 
 
 @pytest.mark.parametrize("compat", [False, True])
-def test_edit_image_equals_the_three_calls(model, image, compat: bool) -> None:
+def test_edit_image_equals_the_three_calls(model, images, compat: bool) -> None:
     kw = dict(steps=STEPS, diffusers_compat=compat, progress=False)
-    mask = generate_mask(model, image, SOURCE, TARGET, num_maps=3, generator=seeded(5), **kw)
-    start = dict(posterior=mask.posterior) if compat else dict(image=image)  # compat: diffusers samples anew
+    mask = generate_mask(model, images, SOURCE, TARGET, num_maps=3, generator=seeded(5), **kw)
+    start = dict(posterior=mask.posterior) if compat else dict(image=images)  # compat: diffusers samples anew
     inversion = invert(model, generator=seeded(5), **start, **kw)
     edited = edit(model, inversion, mask, TARGET, negative_prompt=SOURCE, eta=0.3, generator=seeded(5),
                   output_type="pt", diffusers_compat=compat, progress=False)
-    chained = edit_image(model, image, SOURCE, TARGET, seed=5, num_maps=3, eta=0.3, output_type="pt", **kw)
+    chained = edit_image(model, images, SOURCE, TARGET, seed=5, num_maps=3, eta=0.3, output_type="pt", **kw)
     assert torch.equal(chained.mask.latent_mask, mask.latent_mask)
     assert torch.equal(chained.inversion.latents, inversion.latents)
     assert torch.equal(chained.edit.latents, edited.latents) and torch.equal(chained.edit.images, edited.images)
 
 
-def test_hook_sees_every_cross_attention_layer_at_every_step(model, image) -> None:
-    inversion = invert(model, image, steps=STEPS, progress=False)
+def test_hook_sees_every_cross_attention_layer_at_every_step(model, images) -> None:
+    inversion = invert(model, images, steps=STEPS, progress=False)
     mask = torch.ones(1, 1, 8, 8)
     calls: list[tuple[str, int, tuple[int, ...]]] = []
 
@@ -64,8 +49,8 @@ def test_hook_sees_every_cross_attention_layer_at_every_step(model, image) -> No
     assert all(shape[0] == 2 and shape[-1] == 77 for _, _, shape in calls)  # [uncond; cond] rows, 77 keys
 
 
-def test_hook_returning_none_is_bit_identical_and_a_replacing_hook_changes_the_output(model, image) -> None:
-    inversion = invert(model, image, steps=STEPS, progress=False)
+def test_hook_returning_none_is_bit_identical_and_a_replacing_hook_changes_the_output(model, images) -> None:
+    inversion = invert(model, images, steps=STEPS, progress=False)
     mask = torch.ones(1, 1, 8, 8)
     kw = dict(negative_prompt=SOURCE, output_type="latent", progress=False)
     plain = edit(model, inversion, mask, TARGET, **kw).latents
@@ -77,29 +62,29 @@ def test_hook_returning_none_is_bit_identical_and_a_replacing_hook_changes_the_o
 
     replaced = edit(model, inversion, mask, TARGET, attention_hook=uniform_cross, **kw).latents
     assert not torch.allclose(plain, replaced, atol=1e-4)
-    for stage in (lambda h: generate_mask(model, image, SOURCE, TARGET, num_maps=1, steps=STEPS, generator=seeded(),
+    for stage in (lambda h: generate_mask(model, images, SOURCE, TARGET, num_maps=1, steps=STEPS, generator=seeded(),
                                           attention_hook=h, progress=False).difference,
-                  lambda h: invert(model, image, steps=STEPS, attention_hook=h, progress=False).latents):
+                  lambda h: invert(model, images, steps=STEPS, attention_hook=h, progress=False).latents):
         assert torch.equal(stage(None), stage(lambda *a: None))
         assert not torch.allclose(stage(None), stage(uniform_cross), atol=1e-5)
 
 
-def test_mask_callback_gets_each_maps_difference(model, image) -> None:
+def test_mask_callback_gets_each_maps_difference(model, images) -> None:
     maps: list[torch.Tensor] = []
-    mask = generate_mask(model, image, SOURCE, TARGET, num_maps=4, steps=STEPS, generator=seeded(2), progress=False,
+    mask = generate_mask(model, images, SOURCE, TARGET, num_maps=4, steps=STEPS, generator=seeded(2), progress=False,
                          callback=lambda info: maps.append(info["difference"]))
     assert len(maps) == 4 and all(m.shape == (1, 1, 8, 8) for m in maps)
     # D is the mean of the maps (§3.2); one map alone is a one-sample call with the same first noise draw
     torch.testing.assert_close(torch.stack(maps).mean(0), mask.difference, rtol=1e-6, atol=0)
-    one = generate_mask(model, image, SOURCE, TARGET, num_maps=1, steps=STEPS, generator=seeded(2), progress=False)
+    one = generate_mask(model, images, SOURCE, TARGET, num_maps=1, steps=STEPS, generator=seeded(2), progress=False)
     assert torch.equal(one.difference, maps[0])
 
 
 def test_sizes_that_are_not_multiples_of_the_unet_downsampling_edit(model) -> None:
     """18 x 22 pixels on TINY (VAE factor 2, UNet factor 2): 9 x 11 latents, odd, once refused (the same case as
     72 x 88 pixels with the toy model or 9 x 11 latents with SD)."""
-    image = torch.rand(1, 3, 18, 22, generator=seeded(6))
-    result = edit_image(model, image, SOURCE, TARGET, steps=STEPS, num_maps=2, output_type="pt", progress=False)
+    images = torch.rand(1, 3, 18, 22, generator=seeded(6))
+    result = edit_image(model, images, SOURCE, TARGET, steps=STEPS, num_maps=2, output_type="pt", progress=False)
     assert result.edit.images.shape == (1, 3, 18, 22) and result.mask.latent_mask.shape == (1, 1, 9, 11)
     outside = (result.mask.latent_mask == 0).expand_as(result.edit.latents)
     assert outside.any()  # §3.3: the last blend restores z0 exactly outside the mask

@@ -68,6 +68,19 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def assert_refused_by_load_and_export(folder: Path, expected: str, capsys: pytest.CaptureFixture) -> None:
+    """`load(folder)` raises ValueError(expected), and the export CLI says `error: {expected}` (exit 2) and writes
+    nothing beside the folder."""
+    with pytest.raises(ValueError) as error:
+        load(folder)
+    assert str(error.value) == expected
+
+    before = snapshot(folder.parent)
+    argv = [str(folder), str(folder.parent / "exported"), "--to", "diffusers"]
+    assert run_cli(argv, capsys) == (2, f"error: {expected}\n")
+    assert snapshot(folder.parent) == before
+
+
 # ---- model.json read strictly ---------------------------------------------------------------------------------------
 
 
@@ -141,14 +154,7 @@ def test_bad_model_json_is_one_error_naming_file_and_field(tmp_path: Path, sourc
     meta = json.loads((folder / "model.json").read_text())
     (folder / "model.json").write_text(json.dumps(change(meta)))
     expected = f"{folder / 'model.json'}{message}"
-    with pytest.raises(ValueError) as error:
-        load(folder)
-    assert str(error.value) == expected
-
-    before = snapshot(tmp_path)
-    argv = [str(folder), str(tmp_path / "exported"), "--to", "diffusers"]
-    assert run_cli(argv, capsys) == (2, f"error: {expected}\n")
-    assert snapshot(tmp_path) == before
+    assert_refused_by_load_and_export(folder, expected, capsys)
 
 
 @pytest.mark.parametrize("content", ["{not json", "", "[" * 100_000 + "]" * 100_000])
@@ -195,14 +201,7 @@ def test_corrupt_component_names_the_file(tmp_path: Path, sources: dict[str, Pat
     path = folder / f"{component}.safetensors"
     path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
     expected = f"{path} is not a readable safetensors file: {_reason(path)}"
-    with pytest.raises(ValueError) as error:
-        load(folder)
-    assert str(error.value) == expected
-
-    before = snapshot(tmp_path)
-    argv = [str(folder), str(tmp_path / "exported"), "--to", "diffusers"]
-    assert run_cli(argv, capsys) == (2, f"error: {expected}\n")
-    assert snapshot(tmp_path) == before
+    assert_refused_by_load_and_export(folder, expected, capsys)
 
 
 def test_corrupt_diffusers_weights_name_the_file(tmp_path: Path, sources: dict[str, Path], capsys) -> None:
