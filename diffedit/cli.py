@@ -1,4 +1,4 @@
-"""The `diffedit` command: `edit`, `mask`, `invert` and `demo`.
+"""The `diffedit` command: `edit`, `mask`, `invert`, `demo`, `eval` and `run`.
 
     diffedit edit --model models/sd15 --image in.png --source "a bowl of fruits" --target "a bowl of pears" \\
         --out out.png --mask-out mask.png --figure figure.png
@@ -6,6 +6,7 @@
     diffedit invert --model DIR --image in.png --out in.inversion.safetensors   # then: edit --inversion FILE
     diffedit demo --out DIR        # a colour edit by the shipped toy model, offline (input, mask, edit, figure)
     diffedit eval --out results.json   # the toy benchmark: DiffEdit, diffusers' pipeline and baselines, measured
+    diffedit run --model DIR --out RUN manifest.jsonl   # a dataset (or --pie-bench DIR); under torchrun: sharded
 
 User errors (missing files, bad values, an output that exists without --force) print one line on stderr
 and exit with status 2. Outputs are checked before any work starts.
@@ -19,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -30,11 +32,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 
+from . import vae as vae_module
 from .chain import edit_image
 from .edit import Inversion, MaskResult, generate_mask, invert
 from .files import atomic_write, load_inversion, save_inversion
 from .image import DEFAULT_MAX_PIXELS, overlay, read_image, side_by_side, size_warning, to_pil, to_tensor
 from .model import StableDiffusion, load
+from .run import EditSettings, RunOptions, run_dataset
 from .toy import evaluate as toy_evaluate
 
 MASK_TINT = (255, 0, 255)  # magenta: visible on every colour of the shapes world, red included
@@ -149,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="the toy benchmark: DiffEdit and baselines on held-out shapes-world edits")
     toy_evaluate.add_arguments(p)
+
+    p = commands.add_parser("run", help="DiffEdit over a dataset (JSONL manifest or PIE-Bench), torchrun-sharded")
+    p.add_argument("manifest", nargs="?", type=Path, default=None,
+                   help="a JSONL manifest: one edit a line, {id, image, source, target[, mask, gt_mask, seed, ...]}")
+    p.add_argument("--pie-bench", type=Path, default=None, help="a PIE-Bench folder (mapping_file.json + "
+                   "annotation_images/) instead of a manifest")
+    p.add_argument("--model", required=True, type=Path, help="a model folder (python -m weights_convert)")
+    p.add_argument("--max-pixels", type=_integer(0), default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger inputs (default {DEFAULT_MAX_PIXELS}; 0: no limit)")
+    p.add_argument("--mask-strength", type=_number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
+    p.add_argument("--guidance", type=_number(1), default=7.5, help="classifier-free guidance of mask and edit (7.5)")
+    p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
+    p.add_argument("--num-maps", type=_integer(1), default=10, help="noise samples averaged into the mask (10)")
+    common(p, "the run folder: items/<id>.{edit.png,mask.png,json}, run.json, summary.{json,md}, contact_sheet.png")
+    p.add_argument("--strength", type=_number(0, 1), default=0.8, help="encoding ratio r of the inversion (0.8)")
+    p.add_argument("--invert-guidance", type=_number(1), default=1.0, help="guidance of the inversion (1)")
+    p.add_argument("--negative", default=None, help="negative prompt of the edit (default: the source prompt)")
+    p.add_argument("--eta", type=_number(0), default=0.0, help="DDIM eta of the edit (0: deterministic)")
+    p.add_argument("--paste-background", action="store_true", help="outside the mask, the input's own pixels")
+    p.add_argument("--batch-size", type=_integer(1), default=1,
+                   help="items edited in one call per rank (default 1: the bits of `diffedit edit`; more may change "
+                        "the last bits)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its recorded settings")
     return parser
 
 
@@ -160,21 +187,71 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return _fail(e)
     say = (lambda *a: None) if args.quiet else print
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _Interrupts() as interrupts, _quiet_vae(args.quiet):
         warnings.showwarning = lambda message, *rest, **kw: print(f"diffedit: warning: {message}", file=sys.stderr)
         try:
-            run = {"edit": _edit, "mask": _mask, "invert": _invert, "demo": _demo, "eval": _eval}[args.command]
+            run = {"edit": _edit, "mask": _mask, "invert": _invert, "demo": _demo, "eval": _eval,
+                   "run": _run}[args.command]
             for line in run(args):
                 say(line)
-        except (UserError, ValueError, TypeError, OSError, SafetensorError) as e:
-            return _fail(e)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            return _fail(UserError(f"out of memory ({type(e).__name__}): try a smaller image (--max-pixels), "
-                                   "--dtype bf16 or another --device"))
         except KeyboardInterrupt:
-            print("diffedit: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted(interrupts.received)
+        except Exception as e:
+            if interrupts.received is not None:  # the interruption, reworded by a library: say what happened
+                return _interrupted(interrupts.received)
+            if isinstance(e, (UserError, ValueError, TypeError, OSError, SafetensorError)):
+                return _fail(e)
+            if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+                return _fail(UserError(f"out of memory ({type(e).__name__}): try a smaller image (--max-pixels), "
+                                       "--dtype bf16 or another --device"))
+            raise  # a bug: keep the traceback
     return 0
+
+
+class _Interrupts:
+    """SIGINT / SIGTERM raise KeyboardInterrupt inside the block and are remembered, so that an interruption a
+    library turns into an error of its own (safetensors does) is still reported as one (as weights_convert does).
+    The previous handlers are put back on the way out; off the main thread nothing is installed."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(signum, handler)
+
+
+def _interrupted(signum: int | None) -> int:
+    print(f"diffedit: interrupted{' (SIGTERM)' if signum == signal.SIGTERM else ''}", file=sys.stderr)
+    return 130
+
+
+class _quiet_vae:
+    """--quiet: the VAE's own bar on large pictures (vae.PROGRESS_PIXELS) stays off too, for the command's length."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.saved = quiet, vae_module.PROGRESS_PIXELS
+
+    def __enter__(self) -> None:
+        if self.quiet:
+            vae_module.PROGRESS_PIXELS = float("inf")
+
+    def __exit__(self, *exc: object) -> None:
+        vae_module.PROGRESS_PIXELS = self.saved
 
 
 def _fail(error: BaseException) -> int:
@@ -289,6 +366,24 @@ def _eval(args: argparse.Namespace) -> list[str]:
     return []
 
 
+def _run(args: argparse.Namespace):
+    """A dataset run (diffedit/run.py): one process, or one rank of torchrun's group."""
+    if (args.manifest is None) == (args.pie_bench is None):
+        raise UserError("give a manifest (MANIFEST.jsonl) or --pie-bench DIR, one of them")
+    if args.resume and args.force:
+        raise UserError("--resume continues a run and --force starts it over: give one of them")
+    device = _device(args.device)
+    settings = EditSettings(steps=args.steps or 50, num_maps=args.num_maps, mask_strength=args.mask_strength,
+                            threshold=args.threshold, guidance=args.guidance, strength=args.strength,
+                            invert_guidance=args.invert_guidance, negative=args.negative, eta=args.eta,
+                            paste_background=args.paste_background)
+    options = RunOptions(model=args.model, out=args.out, manifest=args.manifest, pie_bench=args.pie_bench,
+                         settings=settings, seed=args.seed, compat=args.compat, device=device,
+                         dtype=_dtype(args.dtype, device), batch_size=args.batch_size,
+                         max_pixels=args.max_pixels or None, resume=args.resume, force=args.force, quiet=args.quiet)
+    yield from run_dataset(options)
+
+
 def _smoke_demo(args: argparse.Namespace, files: dict[str, Path]):
     """Build a TINY random model, save it, load it back, and run the three stages on a drawn picture."""
     from .configs import TINY
@@ -397,7 +492,8 @@ def _load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, StableDiffusio
     dtype = _dtype(args.dtype, device)
     picture = read_image(args.image, max_pixels=args.max_pixels or None)
     model = load(args.model, device=device, dtype=dtype)
-    warning = size_warning(picture.width, picture.height, model.config.image_size)
+    warning = size_warning(picture.width, picture.height, model.config.image_size,
+                           vae_channels=model.config.vae.channels[0], bytes_per_value=model.dtype.itemsize)
     if warning is not None:
         warnings.warn(warning, stacklevel=2)
     return to_tensor(picture, model.config.vae.downsample_factor), model
