@@ -245,3 +245,45 @@ def test_eval_says_a_missing_diffusers_method_is_skipped_even_when_quiet(tmp_pat
     assert main(["eval", "--out", str(out), "--count", "1", "--methods", "encode_decode", "diffusers", "--quiet"]) == 0
     assert "diffusers: skipped: diffusers is not installed" in capsys.readouterr().err
     assert "Infinity" not in out.read_text() and "NaN" not in out.read_text()
+
+
+def test_an_interrupt_reworded_by_a_library_is_still_reported_as_interrupted(files, tmp_path, capsys,
+                                                                           monkeypatch) -> None:
+    import signal
+
+    def load_then_ctrl_c(*a, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a library is at work...
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        raise AssertionError("SIGINT was not delivered")  # ...which turns it into an error of its own
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "load", load_then_ctrl_c)
+    assert main(edit_args(files, "--out", tmp_path / "o.png")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["diffedit: interrupted"]
+    assert signal.getsignal(signal.SIGINT) is before and not list(tmp_path.iterdir())
+
+
+def test_the_size_warning_is_told_the_vae_width_and_the_bytes_of_the_dtype(files, tmp_path, monkeypatch) -> None:
+    from diffedit import load
+
+    seen: list[dict] = []
+    monkeypatch.setattr(cli, "size_warning", lambda *a, **kw: seen.append(kw))
+    assert main(edit_args(files, "--out", tmp_path / "o.png")) == 0
+    channels = load(files["model"]).config.vae.channels[0]
+    assert seen == [{"vae_channels": channels, "bytes_per_value": 4}]
+    from diffedit.image import size_warning
+
+    assert size_warning(1024, 1024, 512, **seen[0]) != size_warning(1024, 1024, 512)  # the real one takes both
+
+
+def test_quiet_also_silences_the_vae_bar(files, tmp_path, capsys, monkeypatch) -> None:
+    import diffedit.vae as vae
+
+    monkeypatch.setattr(vae, "PROGRESS_PIXELS", 0)  # every encode / decode would show its bar
+    assert main([a for a in edit_args(files, "--out", tmp_path / "loud.png") if a != "--quiet"]) == 0
+    assert "VAE encode" in capsys.readouterr().err
+    assert main(edit_args(files, "--out", tmp_path / "quiet.png")) == 0
+    assert capsys.readouterr().err == "" and vae.PROGRESS_PIXELS == 0  # and the setting is put back
