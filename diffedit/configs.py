@@ -281,7 +281,7 @@ TINY_XL = ModelConfig(
         pooled_text_dim=16,
     ),
     vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8, scaling_factor=0.13025, force_upcast=True),
-    text=TextConfig(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+    text=TextConfig(vocab_size=1000, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37,
                     output="penultimate"),
     text_2=TextConfig(vocab_size=1000, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37,
                       activation="gelu", pad_token="!", output="penultimate", projection_dim=16),

@@ -54,12 +54,6 @@ class StableDiffusion(nn.Module):
         self.provenance: dict[str, Any] = {}
         self.eval()
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "StableDiffusion":
-        super()._apply(fn, recurse)  # .to(), .half(), .cuda() all come here
-        if self.config.vae.force_upcast and self.vae_dtype != torch.float32:
-            self.vae.float()
-        return self
-
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

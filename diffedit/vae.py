@@ -183,6 +183,19 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "AutoencoderKL":
+        """.to() / .half() / .cuda() all come here. With `force_upcast` (SDXL's VAE overflows in fp16) the floats
+        move to the device asked for and are fp32: `fn` is probed on an empty tensor for its target, so no weight
+        makes a lossy round trip through the low precision."""
+        if not self.config.force_upcast:
+            return super()._apply(fn, recurse)
+
+        def keep_fp32(t: Tensor) -> Tensor:
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t.to(target.device, torch.float32) if t.is_floating_point() else fn(t)
+
+        return super()._apply(keep_fp32, recurse)
+
     def encode(self, images: Tensor, *, progress: bool | None = None) -> DiagonalGaussian:
         """images: (B, in_channels, H, W) in [-1, 1], H and W multiples of the downsample factor (any multiple:
         e.g. 72 x 88). progress: a bar per block; None shows it above PROGRESS_PIXELS pixels."""
