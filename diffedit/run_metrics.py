@@ -5,8 +5,10 @@ Weight-free, here in plain torch (float64), always:
   (1 - mask) and scores the whole products, so the masked-out pixels count as agreeing zeros in the means. PSNR is
   torchmetrics' PeakSignalNoiseRatio(data_range=1): 10 log10(1 / MSE) over every value; MSE is MeanSquaredError over
   every value (3 x H x W); SSIM is StructuralSimilarityIndexMeasure(data_range=1): a Gaussian window (sigma 1.5,
-  11 taps), k1 = 0.01, k2 = 0.03, averaged over the channels and the positions whose window lies inside the picture
-  (torchmetrics' reflect padding is cropped off again). An all-edit mask gives "nan", as PIE-Bench's.
+  11 taps), k1 = 0.01, k2 = 0.03, averaged over the channels and the positions whose window lies inside the picture.
+  That is torchmetrics' SSIM as PIE-Bench ran it (2023): its reflect padding cropped off again before the mean.
+  torchmetrics since September 2024 (Lightning-AI/torchmetrics PR 2721) averages the padded border positions too,
+  which gives a slightly different number. An all-edit mask gives "nan", as PIE-Bench's.
 - mask IoU of the predicted (or given) edit mask against the ground-truth mask.
 
 The model metrics (structure distance with DINO ViT-B/8, LPIPS with SqueezeNet, CLIP ViT-L/14 similarity of the whole

@@ -324,6 +324,27 @@ def test_weight_free_metrics_match_independent_computations() -> None:
     assert mask_iou(truth, truth) == 1.0 and mask_iou(truth * 255, np.zeros_like(truth)) == 0.0
 
 
+def test_the_metrics_agree_with_torchmetrics_where_it_is_installed() -> None:
+    pytest.importorskip("torchmetrics")
+    import torch
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    from torchmetrics.image import PeakSignalNoiseRatio
+    from torchmetrics.regression import MeanSquaredError
+
+    rng = np.random.default_rng(2)
+    original = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    edited = np.clip(original.astype(int) + rng.integers(-40, 41, original.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((40, 48))
+    truth[8:20, 10:30] = 1
+    keep = (1 - truth)[..., None].astype(np.float32)  # PIE-Bench's own steps, in float32
+    a, b = (torch.tensor(x.astype(np.float32) / 255 * keep).permute(2, 0, 1)[None] for x in (edited, original))
+    ours = background_metrics(edited, original, truth)
+    assert ours["psnr_unedit_part"] == pytest.approx(PeakSignalNoiseRatio(data_range=1.0)(a, b).item(), rel=1e-5)
+    assert ours["mse_unedit_part"] == pytest.approx(MeanSquaredError()(a[0].contiguous(), b[0].contiguous()).item(), rel=1e-5)
+    _, full = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
+    assert ours["ssim_unedit_part"] == pytest.approx(full[..., 5:-5, 5:-5].mean().item(), rel=1e-5)  # 2023's crop
+
+
 def test_a_pie_bench_folder_is_read_run_and_scored(tmp_path, capsys) -> None:
     pairs = heldout_edit_pairs(4)
     folder, truths = pie_folder(tmp_path / "PIE-Bench", pairs, ["1", "6", "1", "6"])
