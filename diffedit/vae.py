@@ -191,8 +191,11 @@ class AutoencoderKL(nn.Module):
             return super()._apply(fn, recurse)
 
         def keep_fp32(t: Tensor) -> Tensor:
-            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-            return t.to(target.device, torch.float32) if t.is_floating_point() else fn(t)
+            if not t.is_floating_point():
+                return fn(t)
+            if t.is_meta:  # no values to lose (to_empty, or a meta model being moved)
+                return fn(t).float()
+            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device, torch.float32)
 
         return super()._apply(keep_fp32, recurse)
 
