@@ -1,11 +1,12 @@
 """A Stable Diffusion checkpoint -> a diffedit model folder. The orchestration behind `python -m weights_convert`.
 
 Three kinds of source, told apart by what SRC is:
-    a diffusers-format folder   unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ model_index.json); the
-                                ModelConfig is read from their config files
+    a diffusers-format folder   unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ model_index.json; SDXL:
+                                text_encoder_2/ tokenizer_2/); the ModelConfig is read from their config files
     an original single file     .safetensors / .ckpt (CompVis / Stability layout); the ModelConfig is detected
                                 from the tensors (detect.py) and the tokenizer comes from --tokenizer
     a hub repo id               "org/name": a diffusers-format repo, fetched with only the files needed
+The SDXL refiner, SD3 and FLUX are named and refused, in every kind of source.
 
 Every path ends in the same steps:
     state dicts in diffusers names + ModelConfig
@@ -31,14 +32,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from diffedit.configs import ModelConfig, TextConfig
-from diffedit.text import build_text_model, load_tokenizer, text_state_dict
+from diffedit.text import PROJECTION, build_text_model, load_tokenizer, text_state_dict
 from diffedit.unet import UNet
 from diffedit.vae import AutoencoderKL
-from diffedit.weights import CONFIG_FILE, COMPONENTS, check_state_dict, sha256_file, write_model_folder
+from diffedit.weights import CONFIG_FILE, check_state_dict, components, sha256_file, write_model_folder
 
 from . import __version__
 from .detect import detect_single_file
-from .diffusers_config import CONFIG_FILES, ConversionError, config_from_diffusers
+from .diffusers_config import CONFIG_FILES, SDXL_CONFIG_FILES, SUPPORTED, ConversionError, config_from_diffusers
+from .diffusers_config import other_pipeline
 from .diffusers import unet_from_diffusers, unet_to_diffusers, vae_current_names, vae_from_diffusers, vae_to_diffusers
 from .ldm import read_checkpoint, split_ldm
 
@@ -52,7 +54,9 @@ WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+    "text_encoder_2": ("model.safetensors", "pytorch_model.bin"),  # SDXL
 }
+ALL_COMPONENTS = tuple(WEIGHT_FILES)
 TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json",
@@ -60,6 +64,9 @@ TOKENIZER_FILES = (
 
 # Where a single file's tokenizer comes from when --tokenizer is not given (the repos diffusers uses too).
 DEFAULT_TOKENIZER = {"<|endoftext|>": "openai/clip-vit-large-patch14", "!": "stabilityai/stable-diffusion-2-1"}
+# SDXL's two (tokenizer/ and tokenizer_2/: CLIP's BPE, padding with the end token and with "!").
+DEFAULT_TOKENIZER_XL = "stabilityai/stable-diffusion-xl-base-1.0"
+TOKENIZER_2_PAD = "!"  # what a tokenizer_2 derived from tokenizer/ pads with (OpenCLIP's vocabulary is CLIP's)
 
 
 @dataclass
@@ -67,10 +74,11 @@ class Source:
     """What a reader hands to the common steps: diffusers-named tensors, their config, where they came from."""
 
     config: ModelConfig
-    tensors: dict[str, dict[str, Tensor]]  # unet / vae / text_encoder, diffusers names
+    tensors: dict[str, dict[str, Tensor]]  # unet / vae / text_encoder (/ text_encoder_2), diffusers names
     tokenizer_dir: Path | None  # a folder holding the tokenizer files, or None: take it from --tokenizer
     inputs: dict[str, Path]  # every file read, by its name relative to the source (hashed into the provenance)
     provenance: dict[str, Any] = field(default_factory=dict)
+    tokenizer_2_dir: Path | None = None  # SDXL's second tokenizer, or None: from --tokenizer (or derived)
 
 
 # ---- the whole conversion ---------------------------------------------------------------------------------------
@@ -107,12 +115,20 @@ def convert(
         source.provenance["source"] = src
         if kind == "hub":
             source.provenance["revision"] = path.name  # snapshots/<commit>
-    if tokenizer is not None or source.tokenizer_dir is None:
-        source.tokenizer_dir, source.provenance["tokenizer"] = find_tokenizer(tokenizer, source.config, quiet)
+    sdxl = source.config.text_2 is not None
+    if tokenizer is not None or source.tokenizer_dir is None or (sdxl and source.tokenizer_2_dir is None):
+        (source.tokenizer_dir, source.provenance["tokenizer"]), second = find_tokenizers(tokenizer, source.config,
+                                                                                         quiet)
+        if sdxl:
+            source.tokenizer_2_dir, source.provenance["tokenizer_2"] = second
 
     ours = to_ours(source.tensors, source.config)
     with tempfile.TemporaryDirectory(prefix="diffedit-tokenizer-") as staged:
-        stage_tokenizer(source.tokenizer_dir, Path(staged), source.config.text)
+        first, second_dir = Path(staged) / "1", (Path(staged) / "2" if sdxl else None)
+        stage_tokenizer(source.tokenizer_dir, first, source.config.text)
+        if second_dir is not None:
+            assert source.config.text_2 is not None
+            stage_tokenizer(source.tokenizer_2_dir, second_dir, source.config.text_2, derive_from=first)
         source.provenance |= {
             "files": _hashes(source.inputs, quiet),  # last: the slow step comes after every check has passed
             "converter": CONVERTER,
@@ -120,7 +136,7 @@ def convert(
         }
         _say(quiet, f"writing {out}")
         written = write_model_folder(
-            out, source.config, ours, staged, source.provenance, dtype=cast, force=force
+            out, source.config, ours, first, source.provenance, dtype=cast, force=force, tokenizer_2_dir=second_dir
         )
     c, kind = source.config, source.provenance["dtype"]
     _say(quiet, f"wrote {written}: {c.name}, {c.schedule.prediction_type}, {c.image_size} px, {kind}")
@@ -196,8 +212,8 @@ def read_single_file(
     state_dict = read_tensors(path, quiet)
     config = detect_single_file(state_dict, prediction_type=prediction_type, image_size=image_size)
     tensors = split_ldm(state_dict, config)
-    guessed = prediction_type is None and config.text.activation == "gelu" and image_size is None
-    how = " (guessed: SD 2.x files carry no flag)" if guessed else ""
+    guessed = prediction_type is None and image_size is None and (config.text.activation == "gelu" or config.text_2)
+    how = f" (guessed: {'SDXL' if config.text_2 else 'SD 2.x'} files carry no flag)" if guessed else ""
     how = " (from --prediction-type)" if prediction_type else how
     provenance = {
         "source": str(path),
@@ -216,25 +232,22 @@ def read_diffusers_folder(
     quiet: bool = False,
     name: str | None = None,
 ) -> Source:
+    refuse_other_models(folder)
     configs = {}
-    for part, rel in CONFIG_FILES.items():
+    optional = {k: rel for k, rel in SDXL_CONFIG_FILES.items() if (folder / rel).is_file()}
+    for part, rel in (CONFIG_FILES | optional).items():
         if not (folder / rel).is_file():
             raise ConversionError(f"{folder} lacks {rel}: not a complete diffusers-format Stable Diffusion folder")
-        try:
-            configs[part] = json.loads((folder / rel).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{folder / rel} is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ConversionError(f"{folder / rel} is not valid JSON: nested too deeply") from None
-        if not isinstance(configs[part], dict):
-            got = "null" if configs[part] is None else f"a {type(configs[part]).__name__}"
-            raise ConversionError(f"{folder / rel} must hold a JSON object, got {got}")
+        configs[part] = _read_json(folder / rel)
+    if (folder / "model_index.json").is_file():
+        configs["model_index"] = _read_json(folder / "model_index.json")
     config = config_from_diffusers(configs, prediction_type, image_size, name=name or folder.name)
-    weights = {c: weight_file(folder, c, prefer_fp16) for c in COMPONENTS}
-    inputs = [folder / rel for rel in CONFIG_FILES.values()] + list(weights.values())
+    weights = {c: weight_file(folder, c, prefer_fp16) for c in components(config)}
+    inputs = [folder / rel for rel in (CONFIG_FILES | optional).values()] + list(weights.values())
     inputs += [p for p in [folder / "model_index.json"] if p.is_file()]
-    tokenizer_dir = folder / "tokenizer"
-    inputs += [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+    tokenizer_dir, tokenizer_2_dir = folder / "tokenizer", folder / "tokenizer_2"
+    for d in (tokenizer_dir, tokenizer_2_dir) if config.text_2 is not None else (tokenizer_dir,):
+        inputs += [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
     tensors = {c: read_tensors(p, quiet, label=p.relative_to(folder).as_posix()) for c, p in weights.items()}
     provenance = {
         "source": str(folder),
@@ -243,7 +256,34 @@ def read_diffusers_folder(
         + (" (from --prediction-type)" if prediction_type else " (scheduler_config.json)"),
     }
     named_inputs = {p.relative_to(folder).as_posix(): p for p in inputs}
-    return Source(config, tensors, tokenizer_dir if tokenizer_dir.is_dir() else None, named_inputs, provenance)
+    second = tokenizer_2_dir if config.text_2 is not None and tokenizer_2_dir.is_dir() else None
+    return Source(config, tensors, tokenizer_dir if tokenizer_dir.is_dir() else None, named_inputs, provenance,
+                  tokenizer_2_dir=second)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConversionError(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(content, dict):
+        got = "null" if content is None else f"a {type(content).__name__}"
+        raise ConversionError(f"{path} must hold a JSON object, got {got}")
+    return content
+
+
+def refuse_other_models(folder: Path) -> None:
+    """A diffusers folder of a model we know and do not support (the SDXL refiner, SD3, FLUX, ...), named before
+    any "lacks unet/config.json" could hide what it is."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    unet = _read_json(folder / CONFIG_FILES["unet"]) if (folder / CONFIG_FILES["unet"]).is_file() else None
+    other = other_pipeline(index, unet)
+    if other is None and (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        other = "a transformer-based model (SD3, FLUX, ...: no unet/)"
+    if other is not None:
+        raise ConversionError(f"{folder} is {other}: {SUPPORTED}")
 
 
 def weight_candidates(component: str, prefer_fp16: bool) -> list[str]:
@@ -263,28 +303,35 @@ def weight_file(folder: Path, component: str, prefer_fp16: bool) -> Path:
 
 
 def fetch_diffusers_repo(repo_id: str, *, prefer_fp16: bool, quiet: bool) -> Path:
-    """Download (or find in the cache) a diffusers-format repo: configs, tokenizer and one weight file per network.
+    """Download (or find in the cache) a diffusers-format repo: configs, tokenizers and one weight file per network
+    (SDXL: text_encoder_2/ and tokenizer_2/ too; never the repo's single files or other pipelines' weights).
 
-    The weight files are asked for in order of preference, so a repo holding fp32 and fp16 copies is fetched once.
+    The configs come first, so an unsupported model (the SDXL refiner, SD3, FLUX) is refused before any weights are
+    downloaded. The weight files are then asked for in order of preference, so a repo holding fp32 and fp16 copies
+    is fetched once.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
     if quiet:
         disable_progress_bars()
-    wanted = ["model_index.json", *CONFIG_FILES.values(), "tokenizer/*"]
-    folder: Path | None = None
-    for choice in range(4):
-        missing = [c for c in COMPONENTS if folder is None or not _any_file(folder, weight_candidates(c, prefer_fp16))]
-        if not missing:
-            break
-        patterns = wanted + [weight_candidates(c, prefer_fp16)[choice] for c in missing]
+    wanted = ["model_index.json", *CONFIG_FILES.values(), *SDXL_CONFIG_FILES.values(), "tokenizer/*", "tokenizer_2/*"]
+
+    def fetch(patterns: list[str]) -> Path:
         try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
         except Exception as e:  # offline, unknown repo, gated, incomplete cache: all end here, as one message
             raise ConversionError(f"{repo_id}: no such local file or folder, so it was tried as a hub repo id: cannot "
                                   f"fetch {repo_id} from the hub: {type(e).__name__}: {_first_line(e)}") from e
-    assert folder is not None
+
+    folder = fetch(wanted)
+    refuse_other_models(folder)
+    needed = [c for c in ALL_COMPONENTS if c != "text_encoder_2" or (folder / SDXL_CONFIG_FILES[c]).is_file()]
+    for choice in range(4):
+        missing = [c for c in needed if not _any_file(folder, weight_candidates(c, prefer_fp16))]
+        if not missing:
+            break
+        folder = fetch(wanted + [weight_candidates(c, prefer_fp16)[choice] for c in missing])
     return folder
 
 
@@ -295,26 +342,31 @@ def our_shapes(config: ModelConfig) -> dict[str, dict[str, torch.Size]]:
     """Every tensor our model of `config` holds, by component, in our on-disk names (built on meta: no memory)."""
     with torch.device("meta"):
         unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), build_text_model(config.text)
-    states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_state_dict(text)}
+        states = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_state_dict(text)}
+        if config.text_2 is not None:
+            states["text_encoder_2"] = text_state_dict(build_text_model(config.text_2))
     return {c: {k: v.shape for k, v in s.items()} for c, s in states.items()}
 
 
 def to_ours(tensors: dict[str, dict[str, Tensor]], config: ModelConfig) -> dict[str, dict[str, Tensor]]:
     """diffusers-named state dicts -> ours, after checking every name and shape against the model of `config`:
-    one error lists every missing, unknown and mis-shaped tensor of all three networks."""
+    one error lists every missing, unknown and mis-shaped tensor of all the networks."""
+    texts = [c for c in components(config) if c.startswith("text_encoder")]
+    if sorted(tensors) != sorted(components(config)):
+        raise ConversionError(f"expected the networks {list(components(config))}, got {sorted(tensors)}")
     given = {
         "unet": tensors["unet"],
         "vae": vae_current_names(tensors["vae"]),
-        "text_encoder": text_file_names(tensors["text_encoder"]),
+        **{c: text_file_names(tensors[c]) for c in texts},
     }
     ours = our_shapes(config)
     expected = {
         "unet": _shapes(unet_to_diffusers(ours["unet"])),
         "vae": _shapes(vae_to_diffusers(ours["vae"])),
-        "text_encoder": ours["text_encoder"],
+        **{c: ours[c] for c in texts},
     }
     problems = []
-    for component in COMPONENTS:
+    for component in components(config):
         state = given[component]
         if component == "vae":  # old VAE files keep the mid-block attention as 1x1 convs: (C, C, 1, 1) for (C, C)
             state = {k: x.flatten(1) if _is_1x1_for(x, expected["vae"].get(k)) else x for k, x in state.items()}
@@ -327,7 +379,7 @@ def to_ours(tensors: dict[str, dict[str, Tensor]], config: ModelConfig) -> dict[
     return {
         "unet": unet_from_diffusers(given["unet"]),
         "vae": vae_from_diffusers(given["vae"]),
-        "text_encoder": given["text_encoder"],
+        **{c: given[c] for c in texts},  # already under the real files' names, which are ours
     }
 
 
@@ -335,10 +387,12 @@ def text_file_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Text encoder tensors under the names of the real files ("text_model.*"), without the position_ids buffer.
 
     Files written by transformers >= 5 drop the "text_model." level; older ones (all the hub's SD repos) keep it
-    and may hold position_ids, a constant buffer.
+    and may hold position_ids, a constant buffer. SDXL's CLIPTextModelWithProjection keeps its projection
+    ("text_projection.weight") beside text_model.* in both.
     """
     prefix = "" if any(k.startswith("text_model.") for k in state_dict) else "text_model."
-    return {prefix + k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
+    return {(k if k == PROJECTION else prefix + k): v for k, v in state_dict.items()
+            if not k.endswith("embeddings.position_ids")}
 
 
 def _is_1x1_for(x: Tensor, linear: torch.Size | None) -> bool:
@@ -352,30 +406,49 @@ def _shapes(state: dict[str, Any]) -> dict[str, torch.Size]:
 # ---- tokenizer ----------------------------------------------------------------------------------------------------
 
 
-def find_tokenizer(spec: str | None, config: ModelConfig, quiet: bool) -> tuple[Path, dict[str, Any]]:
+Tokenizer = tuple[Path, dict[str, Any]]  # (folder, provenance)
+Tokenizer2 = tuple[Path | None, dict[str, Any]]  # folder None: derived from the first one
+
+
+def find_tokenizer(spec: str | None, config: ModelConfig, quiet: bool) -> Tokenizer:
     """The folder holding the tokenizer named by --tokenizer (a folder, a diffusers folder, a hub repo id), or the
     family's default repo when none is given. Returns (folder, provenance)."""
+    return find_tokenizers(spec, config, quiet)[0]
+
+
+def find_tokenizers(spec: str | None, config: ModelConfig, quiet: bool) -> tuple[Tokenizer, Tokenizer2]:
+    """The model's tokenizer and, for SDXL, its second one: (folder, provenance) each.
+
+    SDXL's second tokenizer is the tokenizer_2/ beside the first in a diffusers folder or repo; a plain tokenizer
+    folder has none, and then it is derived from the first (folder None): OpenCLIP bigG's vocabulary and merges are
+    CLIP's, only the pad token differs ("!"), which stage_tokenizer sets.
+    """
+    hint = (
+        "pass --tokenizer DIR|REPO_ID (a folder with vocab.json + merges.txt or tokenizer.json, "
+        "a diffusers folder, or a hub repo id)"
+    )
     if spec is None:
-        default = DEFAULT_TOKENIZER.get(config.text.pad_token)
-        hint = (
-            "pass --tokenizer DIR|REPO_ID (a folder with vocab.json + merges.txt or tokenizer.json, "
-            "a diffusers folder, or a hub repo id)"
-        )
+        default = DEFAULT_TOKENIZER_XL if config.text_2 is not None else DEFAULT_TOKENIZER.get(config.text.pad_token)
         if default is None:
             raise ConversionError(f"this checkpoint carries no tokenizer: {hint}")
         try:
-            folder = _fetch_tokenizer(default, quiet)
+            root = _fetch_tokenizer(default, quiet)
         except ConversionError as e:
             raise ConversionError(f"this checkpoint carries no tokenizer and the default, {e}; {hint}") from e
         spec = default
     elif Path(spec).is_dir():
-        folder = Path(spec)
+        root = Path(spec)
     elif REPO_ID.fullmatch(spec):
-        folder = _fetch_tokenizer(spec, quiet)
+        root = _fetch_tokenizer(spec, quiet)
     else:
         raise ConversionError(f"--tokenizer {spec}: no such folder, and not a hub repo id (org/name)")
-    if _any_file(folder / "tokenizer", TOKENIZER_FILES):  # a diffusers folder
-        folder = folder / "tokenizer"
+    first = _tokenizer_in(root / "tokenizer" if _any_file(root / "tokenizer", TOKENIZER_FILES) else root, spec)
+    if config.text_2 is None or not _any_file(root / "tokenizer_2", TOKENIZER_FILES):
+        return first, (None, {"derived_from": "tokenizer", "pad_token": TOKENIZER_2_PAD})
+    return first, _tokenizer_in(root / "tokenizer_2", f"{spec} (tokenizer_2)")
+
+
+def _tokenizer_in(folder: Path, spec: str) -> Tokenizer:
     has_bpe_pair = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     if not has_bpe_pair and not (folder / "tokenizer.json").is_file():
         raise ConversionError(f"--tokenizer {spec}: no vocab.json + merges.txt or tokenizer.json in {folder}")
@@ -389,7 +462,8 @@ def _fetch_tokenizer(repo_id: str, quiet: bool) -> Path:
 
     if quiet:
         disable_progress_bars()
-    patterns = [*TOKENIZER_FILES, *(f"tokenizer/{f}" for f in TOKENIZER_FILES)]  # a tokenizer repo or a diffusers one
+    # a tokenizer repo, or a diffusers one (SDXL's with tokenizer_2/)
+    patterns = [*TOKENIZER_FILES, *(f"{d}/{f}" for d in ("tokenizer", "tokenizer_2") for f in TOKENIZER_FILES)]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, incomplete cache
@@ -397,11 +471,23 @@ def _fetch_tokenizer(repo_id: str, quiet: bool) -> Path:
         raise ConversionError(f"{repo_id} could not be fetched from the hub ({reason})") from e
 
 
-def stage_tokenizer(folder: Path, staged: Path, text: TextConfig) -> None:
-    """Copy the tokenizer files (only those: a hub folder may hold much more) and check they suit the model."""
-    for f in TOKENIZER_FILES:
-        if (folder / f).is_file():
-            shutil.copyfile(folder / f, staged / f)  # follows the hub cache's symlinks
+def stage_tokenizer(folder: Path | None, staged: Path, text: TextConfig, derive_from: Path | None = None) -> None:
+    """Copy the tokenizer files (only those: a hub folder may hold much more) and check they suit the model.
+
+    folder None: the tokenizer of `derive_from` (an already staged one) with the model's pad token instead of its
+    own (SDXL's tokenizer_2 from its tokenizer: same BPE, "!" padding)."""
+    staged.mkdir(parents=True, exist_ok=True)
+    if folder is None:
+        if derive_from is None:
+            raise ValueError("stage_tokenizer needs a folder or a tokenizer to derive from")
+        from transformers import CLIPTokenizer
+
+        CLIPTokenizer.from_pretrained(str(derive_from), pad_token=text.pad_token).save_pretrained(str(staged))
+        folder = staged
+    else:
+        for f in TOKENIZER_FILES:
+            if (folder / f).is_file():
+                shutil.copyfile(folder / f, staged / f)  # follows the hub cache's symlinks
     try:
         load_tokenizer(staged, text)
     except (ValueError, OSError) as e:

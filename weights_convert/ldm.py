@@ -5,9 +5,12 @@ A single file holds the whole LatentDiffusion module:
     first_stage_model.*       the VAE (taming-style encoder.down.i.block.j / decoder.up.i.block.j)
     cond_stage_model.transformer.text_model.*   SD 1.x: transformers' CLIPTextModel, names already ours
     cond_stage_model.model.*  SD 2.x: the OpenCLIP ViT-H/14 text tower (fused q/k/v, 24 layers)
+    conditioner.embedders.0.transformer.text_model.*   SDXL: CLIP ViT-L, transformers' names (as SD 1.x)
+    conditioner.embedders.1.model.*                    SDXL: the OpenCLIP ViT-bigG/14 text tower (32 layers, all kept)
     betas, alphas_cumprod, ...  the DDPM schedule as buffers; model_ema.*: EMA bookkeeping
 
-`split_ldm` turns it into three diffusers-format state dicts {unet, vae, text_encoder}; weights_convert.diffusers
+`split_ldm` turns it into diffusers-format state dicts {unet, vae, text_encoder[, text_encoder_2]};
+weights_convert.diffusers
 then maps those to our names, so ldm -> ours is the composition of the two. Every name the file may hold is
 listed by a table built from the ModelConfig (`ldm_rules`), with its expected shape: the converter consumes
 all of them or refuses the file with one error naming every problem.
@@ -34,6 +37,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG
+TEXT_FORMATS = ("clip", "openclip", "sdxl")  # SD 1.x, SD 2.x, SDXL (both)
 
 
 class Rule(NamedTuple):
@@ -41,6 +47,8 @@ class Rule(NamedTuple):
     target: str | None  # diffusers-format name; None: a known tensor we drop on purpose
     shape: tuple[int, ...]  # shape in the single file, derived from the config
     take: Callable[[Tensor], Tensor] | None = None  # a named reshape / slice; None: the tensor as it is
+    # Some files drop it, and the model never reads it (SDXL uses CLIP-L's penultimate layer): zeros stand in.
+    unused: bool = False
 
 
 # ---- building blocks of the tables: one call per layer, weight and bias together -------------------------
@@ -66,6 +74,11 @@ def under(src_prefix: str, dst_prefix: str, rules: list[Rule]) -> list[Rule]:
 def conv1x1_to_linear(t: Tensor) -> Tensor:
     """The VAE's mid-block attention projects with 1x1 convolutions (C, C, 1, 1); diffusers uses Linear (C, C)."""
     return t.reshape(t.shape[0], t.shape[1])
+
+
+def transposed(t: Tensor) -> Tensor:
+    """OpenCLIP's text_projection is a (width, proj) matrix applied as x @ P; transformers' Linear weight is P.T."""
+    return t.T.contiguous()  # a copy: safetensors refuses non-contiguous tensors
 
 
 def in_proj_part(t: Tensor, index: int, width: int) -> Tensor:
@@ -125,6 +138,10 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
         *linear("time_embed.2", "time_embedding.linear_2", emb, emb),
         *conv("input_blocks.0.0", "conv_in", cfg.in_channels, c0, 3),
     ]
+    if cfg.added_conditioning:  # SDXL's label_emb: Sequential(Sequential(Linear, SiLU, Linear)), pooled + 6 sizes
+        added = cfg.pooled_text_dim + 6 * cfg.size_embed_dim
+        rules += linear("label_emb.0.0", "add_embedding.linear_1", added, emb)
+        rules += linear("label_emb.0.2", "add_embedding.linear_2", emb, emb)
     skips = [c0]  # the width of every input_blocks output, in order: the up path concatenates them back
     for level, width in enumerate(cfg.channels):
         ch = skips[-1]
@@ -230,35 +247,48 @@ def vae_rules(cfg: VAEConfig) -> list[Rule]:
 
 
 def clip_rules(cfg: TextConfig) -> list[Rule]:
-    """SD 1.x stores transformers' CLIPTextModel itself: same names, nothing to rename."""
+    """SD 1.x and SDXL store transformers' CLIPTextModel itself: same names, nothing to rename. SDXL conditions on
+    the penultimate layer, so some SDXL files drop the last layer and final_layer_norm: unused, zeros stand in."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     rules = [
         Rule("embeddings.token_embedding.weight", "embeddings.token_embedding.weight", (cfg.vocab_size, h)),
         Rule("embeddings.position_embedding.weight", "embeddings.position_embedding.weight", (cfg.max_length, h)),
     ]
+    unused = cfg.output == "penultimate" and cfg.projection_dim == 0  # no pooled output reads the last layer
     for layer in range(cfg.num_layers):
         block = []
         for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
             block += linear(f"self_attn.{p}", f"self_attn.{p}", h, h)
         block += norm("layer_norm1", "layer_norm1", h) + norm("layer_norm2", "layer_norm2", h)
         block += linear("mlp.fc1", "mlp.fc1", h, i) + linear("mlp.fc2", "mlp.fc2", i, h)
+        if unused and layer == cfg.num_layers - 1:
+            block = [r._replace(unused=True) for r in block]
         rules += under(f"encoder.layers.{layer}", f"encoder.layers.{layer}", block)
-    rules += norm("final_layer_norm", "final_layer_norm", h)
+    rules += [r._replace(unused=unused) for r in norm("final_layer_norm", "final_layer_norm", h)]
     return under("text_model", "text_model", rules)
 
 
 def openclip_rules(cfg: TextConfig) -> list[Rule]:
-    """OpenCLIP ViT-H/14 text tower -> CLIPTextModel. The file holds num_layers + 1 layers: SD 2 conditions
-    on the penultimate layer's output (then ln_final), so the converted model simply stops one layer early."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
+    """An OpenCLIP text tower -> CLIPTextModel (SD 2.x's ViT-H/14) or CLIPTextModelWithProjection (SDXL's bigG/14).
+
+    SD 2.x (no projection): the file holds num_layers + 1 layers; SD 2 conditions on the penultimate layer's output
+    (then ln_final), so the converted model simply stops one layer early, and text_projection is dropped.
+    SDXL (projection_dim > 0): every layer is kept, since the pooled embedding is the last layer's end-of-text
+    state through ln_final and text_projection (transposed: OpenCLIP applies it as x @ P).
+    """
+    h, i, proj = cfg.hidden_size, cfg.intermediate_size, cfg.projection_dim
     rules = [
         Rule("token_embedding.weight", "embeddings.token_embedding.weight", (cfg.vocab_size, h)),
         Rule("positional_embedding", "embeddings.position_embedding.weight", (cfg.max_length, h)),
         *norm("ln_final", "final_layer_norm", h),
-        Rule("text_projection", None, (h, h)),  # maps the pooled token into CLIP's joint space; SD never uses it
-        Rule("logit_scale", None, ()),  # CLIP's contrastive temperature
+        Rule("logit_scale", None, (), unused=bool(proj)),  # CLIP's contrastive temperature; SDXL files may drop it
     ]
-    for layer in range(cfg.num_layers + 1):
+    if proj:
+        rules += [Rule("text_projection", "text_projection.weight", (h, proj), transposed)]
+    else:  # maps the pooled token into CLIP's joint space; SD 2 never uses it
+        rules += [Rule("text_projection", None, (h, h))]
+    file_layers = cfg.num_layers if proj else cfg.num_layers + 1
+    for layer in range(file_layers):
         block = norm("ln_1", "layer_norm1", h) + norm("ln_2", "layer_norm2", h)
         for index, p in enumerate(("q_proj", "k_proj", "v_proj")):
             take = functools.partial(in_proj_part, index=index, width=h)
@@ -271,7 +301,9 @@ def openclip_rules(cfg: TextConfig) -> list[Rule]:
             rules += under(src, f"encoder.layers.{layer}", block)
         else:  # the last layer: a known tensor, dropped
             rules += [Rule(f"{src}.{r.source}", None, r.shape) for r in block]
-    return [r._replace(target=r.target and f"text_model.{r.target}") for r in rules]
+    text = "text_model."
+    return [r._replace(target=r.target and (r.target if r.target.startswith("text_projection") else text + r.target))
+            for r in rules]
 
 
 # ---- what the file holds besides the three networks --------------------------------------------------------
@@ -289,7 +321,7 @@ IGNORED: list[tuple[str, str]] = [
     (r"model_ema\..*",
      "EMA bookkeeping (decay, num_updates; in unpruned files also an EMA copy of the UNet): we convert "
      "model.diffusion_model.*, the weights the file's own model runs, as diffusers does by default"),
-    (re.escape(CLIP_PREFIX) + r"text_model\.embeddings\.position_ids",
+    (f"(?:{re.escape(CLIP_PREFIX)}|{re.escape(SDXL_CLIP_PREFIX)})" + r"text_model\.embeddings\.position_ids",
      "arange(77), a buffer transformers < 4.31 saved; CLIPTextModel rebuilds it"),
 ]  # fmt: skip
 
@@ -326,16 +358,24 @@ def schedule_problems(state_dict: dict[str, Tensor], schedule: ScheduleConfig) -
 
 
 def ldm_rules(config: ModelConfig, text_format: str) -> dict[str, tuple[str, list[Rule]]]:
-    """component -> (prefix in the single file, its rules). text_format: "clip" (SD 1.x) or "openclip" (SD 2.x)."""
-    text = {"clip": (CLIP_PREFIX, clip_rules), "openclip": (OPENCLIP_PREFIX, openclip_rules)}
-    if text_format not in text:
-        raise ValueError(f"text_format must be 'clip' or 'openclip', got {text_format!r}")
-    text_prefix, text_rules = text[text_format]
-    return {
-        "unet": (UNET_PREFIX, unet_rules(config.unet)),
-        "vae": (VAE_PREFIX, vae_rules(config.vae)),
-        "text_encoder": (text_prefix, text_rules(config.text)),
-    }
+    """component -> (prefix in the single file, its rules).
+
+    text_format: "clip" (SD 1.x), "openclip" (SD 2.x) or "sdxl" (CLIP-L as text_encoder, bigG as text_encoder_2).
+    """
+    if text_format not in TEXT_FORMATS:
+        raise ValueError(f"text_format must be one of {TEXT_FORMATS}, got {text_format!r}")
+    if (text_format == "sdxl") != (config.text_2 is not None):
+        raise ValueError(f"text_format {text_format!r} does not fit config {config.name!r}")
+    rules = {"unet": (UNET_PREFIX, unet_rules(config.unet)), "vae": (VAE_PREFIX, vae_rules(config.vae))}
+    if text_format == "sdxl":
+        assert config.text_2 is not None
+        rules["text_encoder"] = (SDXL_CLIP_PREFIX, clip_rules(config.text))
+        rules["text_encoder_2"] = (SDXL_OPENCLIP_PREFIX, openclip_rules(config.text_2))
+    elif text_format == "clip":
+        rules["text_encoder"] = (CLIP_PREFIX, clip_rules(config.text))
+    else:
+        rules["text_encoder"] = (OPENCLIP_PREFIX, openclip_rules(config.text))
+    return rules
 
 
 def ldm_layout(config: ModelConfig, text_format: str) -> dict[str, tuple[int, ...]]:
@@ -344,18 +384,24 @@ def ldm_layout(config: ModelConfig, text_format: str) -> dict[str, tuple[int, ..
 
 
 def text_format_of(state_dict: dict[str, Tensor]) -> str:
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in state_dict):
+        return "sdxl"
     return "openclip" if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict) else "clip"
 
 
 def split_ldm(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, dict[str, Tensor]]:
-    """An original SD 1.x / 2.x single-file state dict -> {"unet", "vae", "text_encoder"} in diffusers names.
+    """An original SD 1.x / 2.x / XL single-file state dict -> {"unet", "vae", "text_encoder"[, "text_encoder_2"]}
+    in diffusers names.
 
     Every key must be a known network tensor of the right shape or one of IGNORED; otherwise one ValueError
-    lists all missing, unknown and misshapen keys. Tensors are not copied (except OpenCLIP's split q/k/v).
+    lists all missing, unknown and misshapen keys. Tensors are not copied (except OpenCLIP's split q/k/v and
+    transposed projection). Tensors the model never reads that a file may drop (`Rule.unused`: SDXL's CLIP-L last
+    layer) are zeros when absent, in the file's dtype.
     """
     components = ldm_rules(config, text_format_of(state_dict))
     expected = {p + r.source: r.shape for p, rules in components.values() for r in rules}
-    missing = sorted(expected.keys() - state_dict.keys())
+    optional = {p + r.source for p, rules in components.values() for r in rules if r.unused}
+    missing = sorted(expected.keys() - state_dict.keys() - optional)
     unknown = sorted(k for k in state_dict.keys() - expected.keys() if ignore_reason(k) is None)
     misshapen = [f"{k} {tuple(state_dict[k].shape)} (expected {shape})" for k, shape in expected.items()
                  if k in state_dict and tuple(state_dict[k].shape) != shape]  # fmt: skip
@@ -364,14 +410,22 @@ def split_ldm(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, d
         parts = [f"{len(v)} {what}: {', '.join(v)}" for what, v in
                  (("missing", missing), ("unknown", unknown), ("with a wrong shape", misshapen),
                   ("schedule mismatches", schedule)) if v]  # fmt: skip
+        if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in missing):
+            parts.append("(SDXL's pooled text embedding needs every layer of OpenCLIP bigG, ln_final and "
+                         "text_projection)")
         raise ValueError(f"single-file checkpoint does not match config {config.name!r}:\n  " + "\n  ".join(parts))
+    like = next(t for t in state_dict.values() if t.is_floating_point())  # zeros for dropped tensors: this dtype
     out: dict[str, dict[str, Tensor]] = {}
     for component, (prefix, rules) in components.items():
         out[component] = {}
         for r in rules:
-            if r.target is not None:
-                tensor = state_dict[prefix + r.source]
-                out[component][r.target] = r.take(tensor) if r.take else tensor
+            if r.target is None:
+                continue
+            if prefix + r.source not in state_dict:  # an unused tensor the file dropped (checked above)
+                out[component][r.target] = torch.zeros(r.shape, dtype=like.dtype, device=like.device)
+                continue
+            tensor = state_dict[prefix + r.source]
+            out[component][r.target] = r.take(tensor) if r.take else tensor
     return out
 
 
