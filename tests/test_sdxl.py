@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,42 @@ def test_sdxl_model_folder_round_trip(model: StableDiffusion, tmp_path: Path) ->
     assert a.equal(b)
     x = torch.randn(2, 4, 8, 8, generator=seeded(2))
     assert torch.equal(again.noise_estimate(x, 301, a, a, 7.5), model.noise_estimate(x, 301, b, b, 7.5))
+
+
+def test_model_json_written_before_sdxl_support_still_loads() -> None:
+    """A folder converted by an earlier version (one depth for every level, one text encoder): the same model."""
+    from diffedit.configs import SD21, ModelConfig
+
+    for preset in (SD21, TINY_XL):
+        d = json.loads(json.dumps(preset.to_dict()))  # as read from model.json: lists, not tuples
+        if preset.text_2 is None:  # the old format: what SD 1.x / 2.x configs looked like
+            old = {k: v for k, v in d.items() if k not in ("text_2", "empty_prompt")}
+            old["unet"] = {k: v for k, v in d["unet"].items() if k not in ("size_embed_dim", "pooled_text_dim")}
+            old["unet"]["transformer_depth"] = 1
+            old["vae"] = {k: v for k, v in d["vae"].items() if k != "force_upcast"}
+            old["text"] = {k: v for k, v in d["text"].items() if k not in ("output", "projection_dim")}
+            assert ModelConfig.from_dict(old) == preset
+        assert ModelConfig.from_dict(d) == preset
+    missing = {k: v for k, v in json.loads(json.dumps(TINY_XL.to_dict())).items() if k != "empty_prompt"}
+    with pytest.raises(ValueError, match=r"^config\.empty_prompt is missing$"):
+        ModelConfig.from_dict(missing)
+
+
+def test_quickstart_notebook_runs_an_sdxl_folder(model: StableDiffusion, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's MODEL_DIR set to an SDXL folder (here the tiny one): every cell runs, on that model."""
+    import importlib.util
+
+    import nbformat
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("notebook_build", root / "notebooks" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # type: ignore[union-attr]
+    model.save(tmp_path / "sdxl")
+    monkeypatch.setenv("DIFFEDIT_NOTEBOOK_MODEL", str(tmp_path / "sdxl"))
+    source = next(s for s in build.SOURCES if s.stem.startswith("01_"))
+    notebook = nbformat.read(str(build.execute(source, tmp_path)), as_version=4)
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("model: tiny-xl" in o.get("text", "") for o in outputs)

@@ -8,8 +8,10 @@
 # encoding at the same noise level (§3.3).
 #
 # By default this notebook runs on the project's toy model (a small latent diffusion model trained on a
-# procedural "shapes world", shipped with the package). To run it on real Stable Diffusion weights, convert
-# them with `python -m weights_convert SRC models/sd15` and set `MODEL_DIR`, `IMAGE_PATH` and the prompts.
+# procedural "shapes world", shipped with the package). To run it on real Stable Diffusion weights (SD 1.x, 2.x
+# or XL), convert them with `python -m weights_convert SRC models/sd15` (or `stabilityai/stable-diffusion-xl-base-1.0
+# models/sdxl`) and set `MODEL_DIR` (or the DIFFEDIT_NOTEBOOK_MODEL variable), `IMAGE_PATH` and the prompts. On SDXL
+# the cells are the same: the stages add its pooled and size conditioning themselves (the image's own size).
 
 # %%
 import os
@@ -17,7 +19,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's widget hint, from a dependency
 MODEL_DIR = os.environ.get("DIFFEDIT_NOTEBOOK_MODEL")  # None: the shipped toy model
-IMAGE_PATH = None  # None: a held-out shapes-world scene; else a picture file (e.g. 512x512 for SD)
+IMAGE_PATH = None  # None: a held-out shapes-world scene; else a picture file (512x512 for SD, 1024x1024 for XL)
 SOURCE, TARGET = None, None  # None: the scene's caption and the edited caption
 SEED = 0
 STEPS = 50
