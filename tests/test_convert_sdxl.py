@@ -27,7 +27,7 @@ from torch import Tensor
 import weights_convert.convert as convert_module
 from diffedit import load
 from diffedit.configs import SDXL, TINY_XL, ModelConfig
-from diffedit.text import build_text_model, encode_text_pooled, tokenize, write_tokenizer
+from diffedit.text import build_text_model, tokenize, write_tokenizer
 from diffedit.weights import sha256_file
 from weights_convert.__main__ import main
 from weights_convert.convert import ConversionError, config_from_diffusers, convert, find_tokenizers, our_shapes
@@ -35,7 +35,6 @@ from weights_convert.convert import to_ours
 from weights_convert.detect import detect_single_file
 from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
 from weights_convert.diffusers_config import diffusers_configs
-from weights_convert.export import export_diffusers
 from weights_convert.ldm import ignore_reason, ldm_layout, split_ldm
 
 from ._reference import diffusers_unet_kwargs, diffusers_vae_kwargs, layout, randomize_, relative_error
@@ -354,6 +353,21 @@ def test_tiny_diffusers_folder_round_trip(pipe_src: Path, converted: Path) -> No
     assert torch.equal(empty.tokens, negative) and torch.equal(empty.pooled, negative_pooled)  # zeros, both
 
 
+def test_folder_without_tokenizer_2_derives_it(tmp_path: Path, pipe_src: Path, converted: Path) -> None:
+    """An SDXL folder without tokenizer_2/: its tokenizer/ with "!" padding, which is what SDXL's is."""
+    src = tmp_path / "no-tokenizer-2"
+    shutil.copytree(pipe_src, src, ignore=shutil.ignore_patterns("*.safetensors"))
+    for rel in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the weights as links: no copy needed
+        for f in (pipe_src / rel).glob("*.safetensors"):
+            (src / rel / f.name).symlink_to(f)
+    shutil.rmtree(src / "tokenizer_2")
+    model = load(convert(str(src), tmp_path / "out", quiet=True))
+    assert model.provenance["tokenizer_2"] == {"derived_from": "tokenizer", "pad_token": "!"}
+    reference = load(converted)
+    assert model.tokenizer_2.pad_token == "!" and model.tokenizer_2.get_vocab() == reference.tokenizer_2.get_vocab()
+    assert torch.equal(tokenize(model.tokenizer_2, PROMPT, 77), tokenize(reference.tokenizer_2, PROMPT, 77))
+
+
 def test_export_loads_in_sdxl_pipeline(tmp_path: Path, pipe_src: Path, converted: Path) -> None:
     """--to diffusers on an SDXL folder: StableDiffusionXLPipeline.from_pretrained loads it (text_encoder_2 with its
     projection, tokenizer_2 padding with "!", the added-embedding UNet config, force_zeros_for_empty_prompt), its
@@ -453,8 +467,8 @@ def test_hub_repo_fetches_only_the_needed_files(tmp_path: Path, hub: FakeHub, dt
     out = convert(DEFAULT_XL, tmp_path / "out", dtype=dtype, quiet=True)
     fetched = hub.fetched()
     variant = ".fp16" if dtype else ""
-    weights = {f"unet/diffusion_pytorch_model{variant}.safetensors", f"vae/diffusion_pytorch_model{variant}.safetensors",
-               f"text_encoder/model{variant}.safetensors", f"text_encoder_2/model{variant}.safetensors"}  # fmt: skip
+    weights = {f"{c}/diffusion_pytorch_model{variant}.safetensors" for c in ("unet", "vae")}
+    weights |= {f"{c}/model{variant}.safetensors" for c in ("text_encoder", "text_encoder_2")}
     assert {f for f in fetched if f.endswith(".safetensors")} == weights
     assert {"model_index.json", "text_encoder_2/config.json", "tokenizer_2/tokenizer.json", "tokenizer/tokenizer.json",
             "scheduler/scheduler_config.json"} <= fetched  # fmt: skip
@@ -501,7 +515,8 @@ def refused_single_files() -> dict[str, dict[str, Tensor]]:
             unet + "joint_blocks.0.context_block.adaLN_modulation.1.bias": e(9216),
             "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight": e(77, 1280),
         },
-        "FLUX": {"double_blocks.0.img_attn.norm.key_norm.scale": e(128), "single_blocks.0.linear1.weight": e(21504, 3072)},
+        "FLUX": {"double_blocks.0.img_attn.norm.key_norm.scale": e(128),
+                 "single_blocks.0.linear1.weight": e(21504, 3072)},
         "FLUX (ComfyUI prefix)": {unet + "double_blocks.0.img_attn.norm.key_norm.scale": e(128)},
     }
 

@@ -20,6 +20,8 @@ examples:
   python -m weights_convert v2-1_768-ema-pruned.safetensors models/sd21 --tokenizer stabilityai/stable-diffusion-2-1
   python -m weights_convert ./my-diffusers-folder models/mine --dtype fp16
   python -m weights_convert models/sd15 exported/sd15 --to diffusers
+  python -m weights_convert stabilityai/stable-diffusion-xl-base-1.0 models/sdxl --dtype fp16
+  python -m weights_convert sd_xl_base_1.0.safetensors models/sdxl --tokenizer stabilityai/stable-diffusion-xl-base-1.0
 """
 
 
@@ -41,7 +43,7 @@ def _positive_multiple_of_8(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m weights_convert",
-        description="Convert a Stable Diffusion 1.x / 2.x checkpoint into a diffedit model folder (format "
+        description="Convert a Stable Diffusion 1.x / 2.x / XL base checkpoint into a diffedit model folder (format "
         "auto-detected), or export a diffedit model folder to diffusers format.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR|REPO_ID",
                    help="tokenizer for single files (which carry none): a folder with vocab.json + merges.txt or "
                    "tokenizer.json, a diffusers folder, or a hub repo id (default: the model family's hub "
-                   "repo)")  # fmt: skip
+                   "repo); SDXL: its tokenizer_2/ if it has one, else derived with \"!\" padding")  # fmt: skip
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override what the model predicts (single files carry no flag: SD 2.x defaults to v at "
                    "768 px)")  # fmt: skip

@@ -116,11 +116,13 @@ def convert(
         if kind == "hub":
             source.provenance["revision"] = path.name  # snapshots/<commit>
     sdxl = source.config.text_2 is not None
-    if tokenizer is not None or source.tokenizer_dir is None or (sdxl and source.tokenizer_2_dir is None):
+    if tokenizer is not None or source.tokenizer_dir is None:
         (source.tokenizer_dir, source.provenance["tokenizer"]), second = find_tokenizers(tokenizer, source.config,
                                                                                          quiet)
         if sdxl:
             source.tokenizer_2_dir, source.provenance["tokenizer_2"] = second
+    elif sdxl and source.tokenizer_2_dir is None:  # an SDXL folder without tokenizer_2/: derived from its tokenizer/
+        source.provenance["tokenizer_2"] = {"derived_from": "tokenizer", "pad_token": TOKENIZER_2_PAD}
 
     ours = to_ours(source.tensors, source.config)
     with tempfile.TemporaryDirectory(prefix="diffedit-tokenizer-") as staged:
@@ -212,7 +214,7 @@ def read_single_file(
     state_dict = read_tensors(path, quiet)
     config = detect_single_file(state_dict, prediction_type=prediction_type, image_size=image_size)
     tensors = split_ldm(state_dict, config)
-    guessed = prediction_type is None and image_size is None and (config.text.activation == "gelu" or config.text_2)
+    guessed = prediction_type is None and image_size is None and (config.text.activation == "gelu" or config.text_2 is not None)
     how = f" (guessed: {'SDXL' if config.text_2 else 'SD 2.x'} files carry no flag)" if guessed else ""
     how = " (from --prediction-type)" if prediction_type else how
     provenance = {
