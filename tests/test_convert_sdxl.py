@@ -201,7 +201,8 @@ def test_droppable_tensors() -> None:
     sd = meta_single_file(drop=clip_only)
     ours = to_ours(split_ldm(sd, detect_single_file(sd)), SDXL)
     assert shapes_of(ours) == {c: {k: tuple(s) for k, s in v.items()} for c, v in our_shapes(SDXL).items()}
-    small = tiny_single_file(torch.bfloat16)  # the stand-ins, on real tensors: zeros in the file's dtype
+    small = tiny_single_file(torch.bfloat16)  # the stand-ins, on real tensors: zeros in the network's dtype
+    small = {k: t.float() if k.startswith("model.") else t for k, t in small.items()}  # a merge's mixed dtypes
     last = f"text_model.encoder.layers.{TINY_XL.text.num_layers - 1}."
     dropped = [k for k in small if k.startswith(CLIP_L + last)]
     out = split_ldm({k: t for k, t in small.items() if k not in dropped}, TINY_XL)["text_encoder"]
@@ -564,6 +565,7 @@ def test_inconsistent_sdxl_configs_are_refused() -> None:
         (lambda c: c["unet"].update(projection_class_embeddings_input_dim=2048), "not the pooled 1280 \\+ 6 size"),
         (lambda c: c["unet"].update(addition_embed_type="text"), "addition_embed_type"),
         (lambda c: c["text_encoder_2"].pop("projection_dim"), "projection_dim is missing"),
+        (lambda c: c["unet"].update(addition_time_embed_dim="256"), "addition_time_embed_dim '256' must be a positive"),
         (lambda c: c["unet"].update(addition_embed_type=None), "without the UNet's SDXL added embedding"),
         (lambda c: c["model_index"].update(_class_name="FluxPipeline"), "FLUX"),
         (lambda c: c["model_index"].update(requires_aesthetics_score=True), "SDXL refiner"),

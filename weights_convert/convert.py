@@ -214,8 +214,9 @@ def read_single_file(
     state_dict = read_tensors(path, quiet)
     config = detect_single_file(state_dict, prediction_type=prediction_type, image_size=image_size)
     tensors = split_ldm(state_dict, config)
-    guessed = prediction_type is None and image_size is None and (config.text.activation == "gelu" or config.text_2 is not None)
-    how = f" (guessed: {'SDXL' if config.text_2 else 'SD 2.x'} files carry no flag)" if guessed else ""
+    family = "SDXL" if config.text_2 is not None else "SD 2.x" if config.text.activation == "gelu" else None
+    guessed = prediction_type is None and image_size is None and family is not None
+    how = f" (guessed: {family} files carry no flag)" if guessed else ""
     how = " (from --prediction-type)" if prediction_type else how
     provenance = {
         "source": str(path),

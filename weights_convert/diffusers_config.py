@@ -122,6 +122,9 @@ def config_from_diffusers(
         size_dim = need(u, "addition_time_embed_dim", "unet")
         added = need(u, "projection_class_embeddings_input_dim", "unet")
         pooled = t2.get("projection_dim") if isinstance(t2, dict) else None
+        for key, value in (("addition_time_embed_dim", size_dim), ("projection_class_embeddings_input_dim", added)):
+            if key in u and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                problems.append(f"unet: {key} {value!r} must be a positive integer")
         if t2 is None:
             problems.append(f"unet: addition_embed_type 'text_time' (SDXL) needs {SDXL_CONFIG_FILES['text_encoder_2']}")
         elif not isinstance(pooled, int):

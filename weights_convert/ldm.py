@@ -414,14 +414,15 @@ def split_ldm(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, d
             parts.append("(SDXL's pooled text embedding needs every layer of OpenCLIP bigG, ln_final and "
                          "text_projection)")
         raise ValueError(f"single-file checkpoint does not match config {config.name!r}:\n  " + "\n  ".join(parts))
-    like = next(t for t in state_dict.values() if t.is_floating_point())  # zeros for dropped tensors: this dtype
     out: dict[str, dict[str, Tensor]] = {}
     for component, (prefix, rules) in components.items():
         out[component] = {}
         for r in rules:
             if r.target is None:
                 continue
-            if prefix + r.source not in state_dict:  # an unused tensor the file dropped (checked above)
+            if prefix + r.source not in state_dict:  # an unused tensor the file dropped (checked above): zeros in
+                # the dtype of the network's other tensors (merges mix dtypes across networks, e.g. an fp32 VAE)
+                like = next(t for k, t in state_dict.items() if k.startswith(prefix) and t.is_floating_point())
                 out[component][r.target] = torch.zeros(r.shape, dtype=like.dtype, device=like.device)
                 continue
             tensor = state_dict[prefix + r.source]
