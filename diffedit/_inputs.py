@@ -15,7 +15,7 @@ from .ddim import timesteps
 from .image import ImageInput, to_mask, to_numpy, to_pil, to_tensor
 from .model import AttentionHook, StableDiffusion
 from .regulariser import InversionRegulariser
-from .rows import to_rows
+from .rows import tile, to_rows
 from .text import PromptEmbeddings, PromptInput, as_prompt_list
 from .vae import DiagonalGaussian
 
@@ -244,16 +244,16 @@ def background(model: StableDiffusion, image: ImageInput | None, *, latent_size:
 # ---- the default mask's speed-up ----------------------------------------------------------------------------------
 def noise_difference(
     model: StableDiffusion, x: Tensor, t: int, prompts: MaskPrompts, *, rows: int, guidance: float,
-    attention_hook: AttentionHook | None,
+    attention_hook: AttentionHook | None, maps: int = 1,
 ) -> Tensor:
-    """Mean over channels of |eps~_Q - eps~_R| at the noised latents x (rows, C, h, w), each estimate guided by
-    its own negative: (rows, 1, h, w).
+    """Mean over channels of |eps~_Q - eps~_R| at the noised latents x (maps * rows, C, h, w: `maps` noise draws of
+    the rows, one after another), each estimate guided by its own negative: (maps * rows, 1, h, w).
 
     The identity that halves the work: with one negative u for both prompts (the default "") or no guidance,
         eps~_Q - eps~_R = (u + g (eps_Q - u)) - (u + g (eps_R - u)) = g (eps_Q - eps_R),
     so only the two conditional rows are evaluated, and the difference is scaled by g.
     """
-    src, src_neg, tgt, tgt_neg = (None if p is None else to_rows(p, rows) for p in prompts)
+    src, src_neg, tgt, tgt_neg = (None if p is None else tile(to_rows(p, rows), maps) for p in prompts)
     shared = src_neg is None or src_neg.equal(tgt_neg)
     uncond = None if shared else PromptEmbeddings.cat([src_neg, tgt_neg])
     cond = PromptEmbeddings.cat([src, tgt])  # R and Q side by side: one batched UNet call

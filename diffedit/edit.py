@@ -36,7 +36,7 @@ from .image import ImageInput, MaskInput, mask_to_pil
 from .model import StableDiffusion
 from .noise import randn
 from .regulariser import InversionRegulariser, regularise, regulariser_terms
-from .rows import batch_rows, per_image, to_rows
+from .rows import batch_rows, per_image, tile, to_rows
 from .text import PromptEmbeddings, PromptInput
 from .vae import DiagonalGaussian
 
@@ -92,6 +92,7 @@ def generate_mask(
     source_negative_prompt: PromptInput | None = None, target_negative_prompt: PromptInput | None = None,
     generator: torch.Generator | None = None, clip_skip: int = 0, callback: Callback | None = None,
     attention_hook: StageAttentionHook | None = None, diffusers_compat: bool = False, progress: bool = True,
+    maps_per_call: int | None = None,
 ) -> MaskResult:
     """§3.2: where do the noise estimates under the target prompt Q and the source prompt R disagree?
 
@@ -99,10 +100,14 @@ def generate_mask(
     with `num_maps` independent noises; D = mean over maps and channels of |eps_Q - eps_R| (each guided by
     its negative prompt, "" by default); M = 1[D > threshold_ratio / 2 * mean(D)] for each image.
     `callback(dict(i, t, difference))` gets each map's own difference (default mode).
+
+    The maps go through the UNet `maps_per_call` at a time (None: all in one call, 2 n rows; fewer when memory is
+    short); the noises are drawn map by map all the same, so only the last float bits depend on it. With an
+    `attention_hook` each call holds one map, so the hook's step is the map's index.
     """
     check_stage(model, steps=steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
                 callback=callback, attention_hook=attention_hook, num_maps=(num_maps, 1, "int"),
-                threshold_ratio=(threshold_ratio, 0.0, ">"))
+                threshold_ratio=(threshold_ratio, 0.0, ">"), maps_per_call=(maps_per_call or 1, 1, "int"))
     t = stage_timesteps(model, steps=steps, strength=encode_strength, name="encode_strength")[0]  # 0.5 of 50: 481
     prompts = mask_prompts(model, source=source_prompt, target=target_prompt, source_negative=source_negative_prompt,
                            target_negative=target_negative_prompt, guidance=guidance, clip_skip=clip_skip,
@@ -118,13 +123,19 @@ def generate_mask(
         z0, _ = encode_z0(model, image=image, latents=latents)  # the posterior mean, shared with invert()
         rows = batch_rows(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
         z, diff = to_rows(z0, rows), torch.zeros(rows, 1, *z0.shape[-2:], device=z0.device)
-        for i in tqdm(range(num_maps), desc="mask", disable=not progress):
-            x = add_noise(model.schedule, z, randn(z.shape, generator, z), t)  # DDPM eq. 4, a fresh noise per map
-            d = noise_difference(model, x, t, prompts, rows=rows, guidance=guidance,
-                                 attention_hook=at_step(attention_hook, i))  # |eps_Q - eps_R|, channel mean
-            diff += d / num_maps  # ... and the mean over maps
-            if callback is not None:
-                callback(dict(i=i, t=t, difference=d))
+        per_call = 1 if attention_hook is not None else maps_per_call or num_maps
+        with tqdm(total=num_maps, desc="mask", unit="map", disable=not progress) as bar:
+            for first in range(0, num_maps, per_call):
+                k = min(per_call, num_maps - first)  # maps first .. first + k - 1, side by side in one UNet call
+                noise = torch.cat([randn(z.shape, generator, z) for _ in range(k)])  # a fresh noise per map
+                x = add_noise(model.schedule, tile(z, k), noise, t)  # DDPM eq. 4
+                d = noise_difference(model, x, t, prompts, rows=rows, guidance=guidance, maps=k,
+                                     attention_hook=at_step(attention_hook, first))  # |eps_Q - eps_R|, channel mean
+                for i, d_i in enumerate(d.chunk(k), start=first):
+                    diff += d_i / num_maps  # ... and the mean over maps
+                    if callback is not None:
+                        callback(dict(i=i, t=t, difference=d_i))
+                bar.update(k)
     mask = binarize(diff, threshold_ratio, per_image=not diffusers_compat)
     image_size = tuple(s * model.config.vae.downsample_factor for s in mask.shape[-2:])
     return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio, posterior, src, tgt)

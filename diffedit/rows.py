@@ -32,3 +32,10 @@ def per_image(v: Rows, rows: int, images_per_row: int) -> Rows:
     if isinstance(v, PromptEmbeddings):
         return v.map(lambda e: per_image(e, rows, images_per_row))
     return to_rows(v, rows).repeat_interleave(images_per_row, 0)
+
+
+def tile(v: Rows, times: int) -> Rows:
+    """All of `v`'s rows, `times` times one after another (several noise draws of one batch in one call)."""
+    if isinstance(v, PromptEmbeddings):
+        return v.map(lambda e: tile(e, times))
+    return v if times == 1 else v.repeat(times, *[1] * (v.ndim - 1))

@@ -72,7 +72,7 @@ def test_hook_returning_none_is_bit_identical_and_a_replacing_hook_changes_the_o
 def test_mask_callback_gets_each_maps_difference(model, images) -> None:
     maps: list[torch.Tensor] = []
     mask = generate_mask(model, images, SOURCE, TARGET, num_maps=4, steps=STEPS, generator=seeded(2), progress=False,
-                         callback=lambda info: maps.append(info["difference"]))
+                         callback=lambda info: maps.append(info["difference"]), maps_per_call=1)  # calls as below
     assert len(maps) == 4 and all(m.shape == (1, 1, 8, 8) for m in maps)
     # D is the mean of the maps (§3.2); one map alone is a one-sample call with the same first noise draw
     torch.testing.assert_close(torch.stack(maps).mean(0), mask.difference, rtol=1e-6, atol=0)

@@ -21,6 +21,7 @@ from diffedit.edit import binarize
 from diffedit.image import mask_to_pil, overlay, side_by_side, to_mask, to_tensor
 from diffedit.vae import DiagonalGaussian
 
+from ._reference import relative_error
 from .conftest import make_tiny_model, seeded
 
 STEPS = 6  # the mask at t = 333 (strength 0.5); inversion and edit over 499, 333, 167, 1 (strength 0.8)
@@ -412,7 +413,8 @@ def test_mask_with_a_shared_negative_skips_the_unconditional_rows(tiny_model) ->
 
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     result = generate_mask(tiny_model, None, "a bowl of fruits", "a bowl of pears", latents=z0, num_maps=3, steps=10,
-                           guidance=5.0, generator=torch.Generator().manual_seed(1), progress=False)
+                           guidance=5.0, generator=torch.Generator().manual_seed(1), progress=False,
+                           maps_per_call=1)  # one map a call, as the reference: the identity alone is measured
     g = torch.Generator().manual_seed(1)
     src, tgt, empty = (tiny_model.encode_prompt(p) for p in ("a bowl of fruits", "a bowl of pears", ""))
     reference = torch.zeros(1, 1, 8, 8)
@@ -423,3 +425,25 @@ def test_mask_with_a_shared_negative_skips_the_unconditional_rows(tiny_model) ->
         reference += (eps_q - eps_r).abs().mean(1, keepdim=True) / 3
     err = ((result.difference - reference).abs().max() / reference.abs().max()).item()
     assert err <= 1e-5, err
+
+
+def test_mask_maps_in_one_call_equal_maps_one_by_one(tiny_model) -> None:
+    """maps_per_call batches the maps' rows into fewer UNet calls; the noises are the same draws, so the map agrees
+    with one map a call up to the UNet's batch-size-dependent rounding (1e-5 relative, fp32 CPU), and the per-map
+    callback sees the same maps in the same order."""
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for per_call in (1, 3, None):  # None: all 5 maps (20 rows) in one call, the default
+        seen: list[tuple[int, torch.Tensor]] = []
+        result = generate_mask(tiny_model, None, ["a red circle", "a bowl of fruits"], "a blue square", latents=z0,
+                               num_maps=5, steps=10, generator=torch.Generator().manual_seed(1), progress=False,
+                               maps_per_call=per_call, callback=lambda d: seen.append((d["i"], d["difference"])))
+        runs[per_call] = (result, seen)
+    one, seen_one = runs[1]
+    for per_call in (3, None):
+        result, seen = runs[per_call]
+        assert [i for i, _ in seen] == [i for i, _ in seen_one] == [0, 1, 2, 3, 4]
+        assert max(relative_error(d, d1) for (_, d), (_, d1) in zip(seen, seen_one)) <= 1e-5
+        assert relative_error(result.difference, one.difference) <= 1e-5
+        margin = (one.difference - 1.5 * one.difference.mean((1, 2, 3), keepdim=True)).abs() > 1e-4
+        assert torch.equal(result.latent_mask[margin], one.latent_mask[margin])
