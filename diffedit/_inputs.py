@@ -261,6 +261,16 @@ def noise_difference(
     return (guidance if shared else 1.0) * (eps_tgt - eps_src).abs().float().mean(1, keepdim=True)
 
 
+MAP_CALL_LATENT_PIXELS = 20 * 64 * 64  # 10 maps of SD's 512 x 512 (2 rows each): the default UNet call of the mask
+
+
+def maps_in_one_call(z: Tensor, num_maps: int) -> int:
+    """How many of the mask's maps (each `len(z)` rows of the latents z, and R and Q: 2 len(z) rows) one UNet call
+    takes by default: all that fit in MAP_CALL_LATENT_PIXELS, at least one."""
+    per_map = 2 * len(z) * z.shape[-2] * z.shape[-1]
+    return max(1, min(num_maps, MAP_CALL_LATENT_PIXELS // per_map))
+
+
 def at_step(hook: StageAttentionHook | None, step: int) -> AttentionHook | None:
     """The UNet's hook (probs, is_cross, place) for one step of a stage's loop."""
     return None if hook is None else (lambda probs, is_cross, place: hook(probs, is_cross, place, step))

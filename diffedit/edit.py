@@ -30,7 +30,7 @@ from tqdm import tqdm  # plain text bars: the same in terminals and notebooks, n
 from . import compat
 from ._inputs import Callback, OutputType, StageAttentionHook, at_step, background, check_edit
 from ._inputs import check_stage, edit_mask, encode_z0, mask_prompts, noise_difference, output_images, prompt_pair
-from ._inputs import stage_timesteps
+from ._inputs import maps_in_one_call, stage_timesteps
 from .ddim import add_noise, ddim_inverse_step, ddim_step
 from .image import ImageInput, MaskInput, mask_to_pil
 from .model import StableDiffusion
@@ -101,9 +101,9 @@ def generate_mask(
     its negative prompt, "" by default); M = 1[D > threshold_ratio / 2 * mean(D)] for each image.
     `callback(dict(i, t, difference))` gets each map's own difference (default mode).
 
-    The maps go through the UNet `maps_per_call` at a time (None: all in one call, 2 n rows; fewer when memory is
-    short); the noises are drawn map by map all the same, so only the last float bits depend on it. With an
-    `attention_hook` each call holds one map, so the hook's step is the map's index.
+    The maps go through the UNet `maps_per_call` at a time (None: as many as 20 rows of 64 x 64 latents hold, so
+    all 10 at SD's 512 x 512, 2 at SDXL's 1024 x 1024); the noises are drawn map by map all the same, so only the
+    last float bits depend on it. With an `attention_hook` each call holds one map: the hook's step is the map.
     """
     check_stage(model, steps=steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
                 callback=callback, attention_hook=attention_hook, num_maps=(num_maps, 1, "int"),
@@ -123,7 +123,7 @@ def generate_mask(
         z0, _ = encode_z0(model, image=image, latents=latents)  # the posterior mean, shared with invert()
         rows = batch_rows(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
         z, diff = to_rows(z0, rows), torch.zeros(rows, 1, *z0.shape[-2:], device=z0.device)
-        per_call = 1 if attention_hook is not None else maps_per_call or num_maps
+        per_call = 1 if attention_hook is not None else maps_per_call or maps_in_one_call(z, num_maps)
         with tqdm(total=num_maps, desc="mask", unit="map", disable=not progress) as bar:
             for first in range(0, num_maps, per_call):
                 k = min(per_call, num_maps - first)  # maps first .. first + k - 1, side by side in one UNet call
