@@ -43,8 +43,8 @@ def check_stage(
     if not isinstance(diffusers_compat, bool):
         raise TypeError(f"diffusers_compat must be True or False, got {diffusers_compat!r}")
     if diffusers_compat and model.config.unet.added_conditioning:
-        raise ValueError("diffusers_compat=True reproduces diffusers' StableDiffusionDiffEditPipeline, which has no "
-                         "SDXL version: use diffusers_compat=False (the default) on an SDXL model")
+        raise ValueError("diffusers_compat=True (--compat) reproduces diffusers' StableDiffusionDiffEditPipeline, "
+                         "which has no SDXL version: leave it off (the default) on an SDXL model")
     for value, name in ((callback, "callback"), (attention_hook, "attention_hook")):
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")

@@ -267,7 +267,8 @@ def test_given_sizes_reach_the_unet(model: StableDiffusion) -> None:
 
 def test_sdxl_refuses_what_it_cannot_do(model: StableDiffusion) -> None:
     images = torch.rand(1, 3, 16, 16, generator=seeded(7))
-    refusal = r"^diffusers_compat=True reproduces diffusers' StableDiffusionDiffEditPipeline, which has no SDXL"
+    refusal = (r"^diffusers_compat=True \(--compat\) reproduces diffusers' StableDiffusionDiffEditPipeline, which "
+               r"has no SDXL version: leave it off \(the default\) on an SDXL model$")
     with pytest.raises(ValueError, match=refusal):
         generate_mask(model, images, SOURCE, TARGET, diffusers_compat=True, progress=False)
     no_pooled = PromptEmbeddings(model.encode_prompt(TARGET).tokens)
@@ -325,3 +326,31 @@ def test_quickstart_notebook_runs_an_sdxl_folder(model: StableDiffusion, tmp_pat
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("model: tiny-xl" in o.get("text", "") for o in outputs)
+
+
+def test_cli_runs_an_sdxl_folder_unchanged(model: StableDiffusion, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """`diffedit edit --model SDXL_FOLDER` is `edit_image` on that model with the CLI's seed, bit for bit; the
+    mask, invert and edit-from-file commands run too; --compat is refused in one line, nothing written."""
+    import numpy as np
+    from PIL import Image
+
+    from diffedit.cli import main
+
+    model.save(tmp_path / "sdxl")
+    picture = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8))
+    picture.save(tmp_path / "in.png")
+    common = ["--model", str(tmp_path / "sdxl"), "--image", str(tmp_path / "in.png"), "--steps", "6", "--quiet"]
+    prompts = ["--source", SOURCE, "--target", TARGET]
+    assert main(["edit", *common, *prompts, "--out", str(tmp_path / "out.png")]) == 0
+    expected = edit_image(load(tmp_path / "sdxl"), picture, SOURCE, TARGET, seed=0, steps=6, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(expected.edit.images[0]))
+    inversion = tmp_path / "in.inversion.safetensors"
+    assert main(["invert", *common, "--out", str(inversion)]) == 0
+    assert main(["edit", *common, *prompts, "--inversion", str(inversion), "--out", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
+    assert main(["mask", *common, *prompts, "--out", str(tmp_path / "mask.png")]) == 0
+    capsys.readouterr()
+    assert main(["edit", *common, *prompts, "--compat", "--out", str(tmp_path / "compat.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no SDXL version" in err[0] and not (tmp_path / "compat.png").exists()
