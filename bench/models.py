@@ -43,7 +43,9 @@ class Subject:
     note: str = ""
 
 
-def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, size: int | None = None) -> Subject:
+def build(
+    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, size: int | None = None
+) -> Subject:
     """The named model on `device` / `dtype`, with a fixed input image; size overrides the image side."""
     if name == "tiny":
         model = _random_model(TINY, seed, meta=False)

@@ -49,7 +49,9 @@ def regulariser_terms(model: StableDiffusion, *, x: Tensor, t_cur: int, t_next: 
     return (lambda o: to_x0_and_eps(o, x, schedule.abar(t_cur), schedule.prediction_type)[1]), kl_loss_per_image
 
 
-def regularise(reg: InversionRegulariser, out: Tensor, terms: PenaltyTerms, generator: torch.Generator | None) -> Tensor:
+def regularise(
+    reg: InversionRegulariser, out: Tensor, terms: PenaltyTerms, generator: torch.Generator | None
+) -> Tensor:
     """`out` (the raw UNet output) after `reg.num_reg_steps` gradient steps on the penalties of `to_eps(out)`."""
     to_eps, kl = terms
     with torch.enable_grad():
