@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return _fail(e)
     say = (lambda *a: None) if args.quiet else print
-    with warnings.catch_warnings(), _Interrupts() as interrupts, _quiet_vae(args.quiet):
+    with warnings.catch_warnings(), _Interrupts() as interrupts, _QuietVAE(args.quiet):
         warnings.showwarning = lambda message, *rest, **kw: print(f"diffedit: warning: {message}", file=sys.stderr)
         try:
             run = {"edit": _edit, "mask": _mask, "invert": _invert, "demo": _demo, "eval": _eval,
@@ -240,7 +240,7 @@ def _interrupted(signum: int | None) -> int:
     return 130
 
 
-class _quiet_vae:
+class _QuietVAE:
     """--quiet: the VAE's own bar on large pictures (vae.PROGRESS_PIXELS) stays off too, for the command's length."""
 
     def __init__(self, quiet: bool) -> None:

@@ -29,11 +29,11 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from .files import atomic_write, atomic_write_text
 from .image import overlay, read_image, side_by_side, to_pil, to_tensor
 from .model import StableDiffusion, load
 
+T = TypeVar("T")
 RUN_FORMAT = "diffedit-run-v1"
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # safe as a file name everywhere; never a dot file
 ITEMS = "items"
@@ -315,7 +316,9 @@ def check_folder(options: RunOptions, wanted: dict[str, Any]) -> tuple[str, dict
         return "restart", wanted
     try:
         recorded = json.loads((out / "run.json").read_text(encoding="utf-8"))
-        ok = isinstance(recorded, dict) and recorded.get("format") == RUN_FORMAT
+        ok = (isinstance(recorded, dict) and recorded.get("format") == RUN_FORMAT
+              and isinstance(recorded.get("identity"), dict) and isinstance(recorded.get("settings"), dict)
+              and sorted(recorded["settings"]) == sorted(wanted["settings"]))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
@@ -323,10 +326,10 @@ def check_folder(options: RunOptions, wanted: dict[str, Any]) -> tuple[str, dict
                        "write the run there anyway, or choose another folder")
     if recorded == wanted:
         return "continue", wanted
-    for key in wanted["identity"]:
+    names = {"model_sha256": "model (model.json)", "data": "manifest or mapping_file.json", "device_type": "device"}
+    for key, name in names.items():
         if recorded["identity"].get(key) != wanted["identity"][key]:
-            raise RunError(f"--out {out} holds a run of another {key.split('_')[0]} ({key} differs); pass --force "
-                           "to start it over")
+            raise RunError(f"--out {out} holds a run of another {name}; pass --force to start it over")
     if not options.resume:
         diff = sorted(k for k in wanted["settings"] if recorded["settings"].get(k) != wanted["settings"][k])
         name = diff[0] if diff else "format"
@@ -401,7 +404,7 @@ def first_failing_rank(world: World, failed: bool) -> int | None:
     return None if int(flag.item()) == world.size else int(flag.item())
 
 
-def agreed(world: World, step):  # step: () -> T; returns T
+def agreed(world: World, step: Callable[[], T]) -> T:
     """Run `step` on every rank; if any rank fails, all stop, and the lowest failing rank alone says why (the
     others exit with status 2 silently): one line for a bad input, not one per rank."""
     try:
@@ -490,7 +493,8 @@ def batches(items: Sequence[Item], size: int, compat: bool) -> list[list[Item]]:
     groups: dict[tuple, list[Item]] = {}
     for item in items:
         alone = item.mask is not None or item.settings.eta != 0 or compat
-        key = ("alone", item.id) if alone else (item.settings, Image.open(item.image).size)
+        with Image.open(item.image) as picture:  # the header: its size
+            key = ("alone", item.id) if alone else (item.settings, picture.size)
         groups.setdefault(key, []).append(item)
     return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
