@@ -64,6 +64,8 @@ def write_manifest(root: Path, count: int = 12) -> Path:
                  "target": pair.target.caption, "gt_mask": f"e{i:02d}.gt.png", "edit_type": pair.kind}
         if i == count - 1:
             entry["mask"] = entry["gt_mask"]  # a given mask: no mask estimation
+        if i == 5:
+            entry.update(seed=123, steps=5, guidance=5.0)  # its own seed and settings
         lines.append(json.dumps(entry))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root / "manifest.jsonl"
@@ -125,15 +127,19 @@ def test_two_torchrun_ranks_give_the_bits_of_one_process_and_of_diffedit_edit(ma
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["edits"] == 12 and sorted(summary["per_edit_type"]) == ["colour", "shape"]
 
-    # a sample item, edited by `diffedit edit` with its derived seed: the same files, bit for bit
-    record = json.loads((single / "items" / "e03.json").read_text())
-    assert record["seed"] == item_seed(0, "e03")
-    edit, mask = tmp_path / "e03.png", tmp_path / "e03.mask.png"
-    diffedit("edit", "--model", WEIGHTS, "--image", manifest.parent / "e03.png", "--source", record["source"],
-             "--target", record["target"], "--seed", record["seed"], *FAST, "--out", edit, "--mask-out", mask,
-             "--quiet")
-    assert edit.read_bytes() == (single / "items" / "e03.edit.png").read_bytes()
-    assert mask.read_bytes() == (single / "items" / "e03.mask.png").read_bytes()
+    # sample items edited by `diffedit edit` with their seeds: the same files, bit for bit. e03 has the derived
+    # seed and the run's settings; e05 its own seed, steps and guidance
+    for item_id, seed, flags in (("e03", item_seed(0, "e03"), FAST),
+                                 ("e05", 123, ["--steps", "5", "--num-maps", "2", "--guidance", "5"])):
+        record = json.loads((single / "items" / f"{item_id}.json").read_text())
+        assert record["seed"] == seed
+        edit, mask = tmp_path / f"{item_id}.png", tmp_path / f"{item_id}.mask.png"
+        diffedit("edit", "--model", WEIGHTS, "--image", manifest.parent / f"{item_id}.png", "--source",
+                 record["source"], "--target", record["target"], "--seed", seed, *flags, "--out", edit,
+                 "--mask-out", mask, "--quiet")
+        assert edit.read_bytes() == (single / "items" / f"{item_id}.edit.png").read_bytes(), item_id
+        assert mask.read_bytes() == (single / "items" / f"{item_id}.mask.png").read_bytes(), item_id
+    assert json.loads((single / "items" / "e05.json").read_text())["settings"]["steps"] == 5
 
     # the item with a given mask: that mask is its mask, and no estimation ran
     given = json.loads((single / "items" / "e11.json").read_text())
