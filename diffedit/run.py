@@ -310,7 +310,7 @@ def check_folder(options: RunOptions, wanted: dict[str, Any]) -> tuple[str, dict
         raise RunError(f"--out {out} is a file, not a folder")
     if options.model.resolve() in (out.resolve(), *out.resolve().parents):
         raise RunError(f"--out {out} is inside the model folder {options.model}: write the run elsewhere")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(_is_stale_temporary(p.name) for p in out.iterdir()):  # killed before run.json
         return "new", wanted
     if options.force:
         return "restart", wanted
@@ -359,8 +359,8 @@ def prepare_folder(out: Path, how: str, record: dict[str, Any]) -> None:
         shutil.rmtree(items, ignore_errors=True)
         for name in ("run.json", *SUMMARY_FILES):
             (out / name).unlink(missing_ok=True)
-    items.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")  # first: "a run"
+    items.mkdir(exist_ok=True)
     for folder in (out, items):
         for entry in os.scandir(folder):
             if entry.is_file(follow_symlinks=False) and _is_stale_temporary(entry.name):

@@ -194,6 +194,18 @@ def test_another_runs_folder_is_refused_without_resume_or_force(manifest, single
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 
+def test_force_starts_a_run_over(tmp_path) -> None:
+    data = write_manifest(tmp_path / "data", count=2)
+    out = tmp_path / "run"
+    assert main(run_args(data, out, "--quiet")) == 0
+    (out / "items" / "e09.json").write_text("{}")  # an item of no manifest of this run
+    (out / ".run.json.abcd1234.tmp.json").write_text("")  # a killed write's temporary
+    assert main(run_args(data, out, "--seed", "9", "--force", "--quiet")) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 9
+    assert {i: r["seed"] for i, r in records(out).items()} == {"e00": item_seed(9, "e00"), "e01": item_seed(9, "e01")}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 # ---- bad input: one line naming the manifest line, nothing written ------------------------------------------------
 def good_line(i: int) -> dict:
     return {"id": f"e{i:02d}", "image": f"e{i:02d}.png", "source": "a red circle", "target": "a blue circle"}
