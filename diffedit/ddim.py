@@ -83,13 +83,20 @@ def step_size(schedule: NoiseSchedule, steps: int) -> int:
 
 
 def _expand(value: Tensor, like: Tensor) -> Tensor:
-    # Per-sample coefficients broadcast over (C, H, W).
+    """A coefficient in `like`'s dtype: one for the batch stays a 0-d CPU tensor, which a CUDA kernel takes as an
+    argument (no host-to-device copy, which would wait for the GPU); per-sample ones broadcast over (C, H, W)."""
+    if value.ndim == 0:
+        return value.to(like.dtype)
     return value.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def add_noise(schedule: NoiseSchedule, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
-    """Forward process q(x_t | x0) (DDPM eq. 4): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-    t = torch.as_tensor(t, dtype=torch.long).reshape(-1)
+    """Forward process q(x_t | x0) (DDPM eq. 4): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+
+    t: one level for the whole batch (an int or a 0-d tensor) or one per sample ((B,) tensor)."""
+    t = torch.as_tensor(t, dtype=torch.long)
+    if t.ndim > 0:
+        t = t.reshape(-1).cpu()  # the schedule lives on the CPU
     abar = schedule.alphas_cumprod[t]
     return _expand(abar**0.5, x0) * x0 + _expand((1 - abar) ** 0.5, x0) * noise
 

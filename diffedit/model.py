@@ -27,6 +27,7 @@ from .weights import TOKENIZER_2_DIR, TOKENIZER_DIR, check_state_dict, read_comp
 from .weights import write_model_folder
 
 AttentionHook = Callable[[Tensor, bool, str], Tensor | None]
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 class StableDiffusion(nn.Module):
@@ -52,6 +53,7 @@ class StableDiffusion(nn.Module):
         self.tokenizer_2 = tokenizer_2
         self.schedule = NoiseSchedule.from_config(config.schedule)
         self.provenance: dict[str, Any] = {}
+        self.compile_mode: str | None = None  # set by compile_unet
         self.eval()
 
     @property
@@ -192,10 +194,56 @@ class StableDiffusion(nn.Module):
 
     def _unet(self, x: Tensor, t: int | Tensor, cond: PromptEmbeddings, attention_hook: AttentionHook | None) -> Tensor:
         """One UNet call conditioned on everything `cond` holds (SDXL: pooled and sizes, the image's by default)."""
+        if not isinstance(t, Tensor):
+            # A device scalar written by a fill kernel: a Python int would be a constant of the compiled graph (one
+            # recompilation per timestep) and, as torch.as_tensor(t, device="cuda"), a host-to-device copy that
+            # waits for the GPU at every step. Same values: the UNet makes an int64 tensor of t either way.
+            t = torch.full((), t, dtype=torch.long, device=x.device)
+        # An attention hook is Python that sees every map: it runs eagerly (compiled, each step's hook would be a
+        # new graph). forward() alone is what nn.Module.compile() leaves uncompiled.
+        unet = self.unet.forward if attention_hook is not None and self.compile_mode is not None else self.unet
+        graphs = self.compile_mode in CUDA_GRAPH_MODES and attention_hook is None
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last replay's outputs are done
         if not self.config.unet.added_conditioning:
-            return self.unet(x, t, cond.tokens, attention_hook)
-        sizes = cond.sizes if cond.sizes is not None else self.size_conditioning(x)
-        return self.unet(x, t, cond.tokens, attention_hook, pooled=cond.pooled, sizes=sizes)
+            out = unet(x, t, cond.tokens, attention_hook)
+        else:
+            sizes = cond.sizes if cond.sizes is not None else self.size_conditioning(x)
+            out = unet(x, t, cond.tokens, attention_hook, pooled=cond.pooled, sizes=sizes)
+        # A CUDA graph's output lives in its pool and is overwritten by the next replay: a copy (one latent) is safe
+        # for callers that keep it, as the mask's callbacks and users of unet_output may.
+        return out.clone() if graphs else out
+
+    def compile_unet(self, mode: str | None = None, *, backend: str = "inductor") -> "StableDiffusion":
+        """torch.compile the UNet in place (nn.Module.compile: the same module and state-dict names, so `save`,
+        `.to()` and the weights converters keep working); the VAE and text encoder run once a stage and stay eager.
+
+        mode None: "reduce-overhead" on CUDA (Inductor kernels replayed as CUDA graphs: a 512 x 512 UNet call is a
+        few milliseconds of GPU work in ~1000 kernels, so launching them one by one would cost as much again),
+        "default" elsewhere. "max-autotune" / "max-autotune-no-cudagraphs" also benchmark kernel choices: minutes
+        more warm-up per shape. CUDA graphs are refused off CUDA. dynamic=False: each batch shape (the mask's
+        2n rows, the inversion's 1, the edit's 2) is compiled once, with static shapes, and reused for every step,
+        image and prompt of that shape; the first call of a shape pays the warm-up (seconds to minutes). Call it
+        after `.to(device)`; an attention hook bypasses the compiled code (it runs eagerly). `backend` other than
+        "inductor" (e.g. "aot_eager": the captured graph without code generation, for tests) takes no mode.
+        """
+        if backend != "inductor":
+            if mode is not None:
+                raise ValueError(f"compile modes are Inductor's: backend {backend!r} takes mode=None")
+            self.unet.compile(backend=backend, dynamic=False)
+            self.compile_mode = "default"
+            return self
+        cuda = self.device.type == "cuda"
+        mode = mode or ("reduce-overhead" if cuda else "default")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if mode not in modes:
+            raise ValueError(f"compile mode must be one of {modes}, got {mode!r}")
+        if mode in CUDA_GRAPH_MODES and not cuda:
+            raise ValueError(f"compile mode {mode!r} uses CUDA graphs, which need a CUDA model (this one is on "
+                             f"{self.device}): use 'default' or 'max-autotune-no-cudagraphs'")
+        self.unet.compile(mode=mode, dynamic=False)
+        self.compile_mode = mode
+        return self
 
     @torch.no_grad()
     def noise_estimate(
@@ -242,9 +290,13 @@ class StableDiffusion(nn.Module):
 
 
 def load(
-    folder: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    folder: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> StableDiffusion:
-    """Load a model folder (DESIGN.md layout) strictly: every tensor consumed, every shape checked."""
+    """Load a model folder (DESIGN.md layout) strictly: every tensor consumed, every shape checked.
+
+    compile=True: `StableDiffusion.compile_unet()` with its default mode (CUDA graphs on CUDA), opt-in because the
+    first call of each batch shape pays a warm-up."""
     folder = Path(folder)
     if folder.is_file():
         raise ValueError(f"model {folder} is a file, not a model folder (convert it: python -m weights_convert)")
@@ -265,4 +317,5 @@ def load(
     if model.text_encoder_2 is not None:
         load_text_state_dict(model.text_encoder_2, read_component(folder, "text_encoder_2"), "text encoder 2")
     model.provenance = provenance
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return model.compile_unet() if compile else model
