@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights and activations (default fp32; fp16 / bf16 where the device runs them)")
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
         p.add_argument("--quiet", action="store_true", help="no progress bars, no messages")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet (CUDA graphs on CUDA); the first call of each shape pays a warm-up")
 
     def inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, type=Path, help="a model folder (python -m weights_convert)")
@@ -110,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", required=True, help="prompt R describing the input image")
         p.add_argument("--target", required=True, help="prompt Q describing the wanted edit")
         p.add_argument("--mask-strength", type=_number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
-        p.add_argument("--guidance", type=_number(1), default=7.5, help="classifier-free guidance of mask and edit (7.5)")
-        p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
+        p.add_argument("--guidance", type=_number(1), default=7.5,
+                       help="classifier-free guidance of mask and edit (7.5)")
+        p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0,
+                       help="mask threshold ratio rho (3.0)")
         p.add_argument("--num-maps", type=_integer(1), default=10, help="noise samples averaged into the mask (10)")
 
     p = commands.add_parser("edit", help="mask, invert and edit an image")
@@ -380,7 +384,8 @@ def _run(args: argparse.Namespace):
     options = RunOptions(model=args.model, out=args.out, manifest=args.manifest, pie_bench=args.pie_bench,
                          settings=settings, seed=args.seed, compat=args.compat, device=device,
                          dtype=_dtype(args.dtype, device), batch_size=args.batch_size,
-                         max_pixels=args.max_pixels or None, resume=args.resume, force=args.force, quiet=args.quiet)
+                         max_pixels=args.max_pixels or None, resume=args.resume, force=args.force, quiet=args.quiet,
+                         compile=args.compile)
     yield from run_dataset(options)
 
 
@@ -491,7 +496,7 @@ def _load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, StableDiffusio
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     picture = read_image(args.image, max_pixels=args.max_pixels or None)
-    model = load(args.model, device=device, dtype=dtype)
+    model = load(args.model, device=device, dtype=dtype, compile=args.compile)
     warning = size_warning(picture.width, picture.height, model.config.image_size,
                            vae_channels=model.config.vae.channels[0], bytes_per_value=model.dtype.itemsize)
     if warning is not None:

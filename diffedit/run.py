@@ -117,6 +117,7 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    compile: bool = False  # torch.compile the UNet (StableDiffusion.compile_unet): speed only, not a setting
 
 
 @dataclass(frozen=True)
@@ -669,7 +670,8 @@ def _plan(options: RunOptions) -> tuple[list[Item], str, RunOptions, dict[str, A
 
 def _run(options: RunOptions, world: World) -> Iterator[str]:
     items, how, options, record = agreed(world, lambda: _plan(options))
-    model = agreed(world, lambda: load(options.model, device=world.device, dtype=options.dtype))
+    model = agreed(world, lambda: load(options.model, device=world.device, dtype=options.dtype,
+                                                  compile=options.compile))
     if world.rank == 0:
         prepare_folder(options.out, how, record)
     barrier(world)

@@ -337,3 +337,25 @@ def test_every_run_flag_reaches_the_edit_settings(cli_files: dict[str, Path], tm
     assert getattr(options.settings, field) == value and getattr(base_options.settings, field) != value
     assert options.settings == dataclasses.replace(base_options.settings, **{field: value})
     assert dataclasses.replace(options, settings=base_options.settings) == base_options
+
+
+@pytest.mark.parametrize("command", ["edit", "mask", "invert", "run"])
+def test_compile_flag_reaches_load(cli_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   command: str) -> None:
+    """--compile asks `load` for a compiled UNet (edit, mask, invert) or the run's options for one (run), and is
+    off without the flag."""
+    if command == "run":
+        argv = ["run", str(cli_files["manifest"]), "--model", str(cli_files["model"]), "--out", str(tmp_path / "run")]
+        (base,), _ = reached(monkeypatch, "run_dataset", [*argv, "--quiet"])
+        (given,), _ = reached(monkeypatch, "run_dataset", [*argv, "--quiet", "--compile"])
+        assert (base.compile, given.compile) == (False, True)
+        assert dataclasses.replace(given, compile=False) == base
+        return
+    prompts = ["--source", SOURCES[0], "--target", TARGETS[0]] if command != "invert" else []
+    out = tmp_path / ("out.safetensors" if command == "invert" else "out.png")
+    argv = [command, "--model", str(cli_files["model"]), "--image", str(cli_files["image"]), *prompts, "--out",
+            str(out), "--quiet"]
+    _, base = reached(monkeypatch, "load", argv)
+    _, given = reached(monkeypatch, "load", [*argv, "--compile"])
+    assert (base["compile"], given["compile"]) == (False, True)
+    assert {k: v for k, v in given.items() if k != "compile"} == {k: v for k, v in base.items() if k != "compile"}
