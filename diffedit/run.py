@@ -671,7 +671,7 @@ def _plan(options: RunOptions) -> tuple[list[Item], str, RunOptions, dict[str, A
 def _run(options: RunOptions, world: World) -> Iterator[str]:
     items, how, options, record = agreed(world, lambda: _plan(options))
     model = agreed(world, lambda: load(options.model, device=world.device, dtype=options.dtype,
-                                                  compile=options.compile))
+                                       compile=options.compile))
     if world.rank == 0:
         prepare_folder(options.out, how, record)
     barrier(world)
