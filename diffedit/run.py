@@ -510,18 +510,22 @@ def ground_truth(item: Item, size: tuple[int, int]) -> np.ndarray | None:
     return (np.asarray(picture) >= 128).astype(np.float64)
 
 
-def item_metrics(done: Edited) -> dict[str, float | str]:
-    """The weight-free metrics of one edit (run_metrics.py); empty without a ground-truth mask."""
+def item_metrics(done: Edited, networks: run_metrics.ModelMetrics | None = None) -> dict[str, float | str]:
+    """The metrics of one edit (run_metrics.py): the weight-free ones against the ground-truth mask (none without
+    one), then PIE-Bench's model metrics whose networks are loaded (structure distance and CLIP of the whole edit
+    need no mask)."""
     truth = ground_truth(done.item, done.picture.size)
-    if truth is None:
-        return {}
     edited, original = np.asarray(done.edit.convert("RGB")), np.asarray(done.picture)
-    metrics = run_metrics.background_metrics(edited, original, truth)
-    metrics["mask_iou"] = run_metrics.mask_iou(np.asarray(done.mask), truth)
+    metrics: dict[str, float | str] = {}
+    if truth is not None:
+        metrics.update(run_metrics.background_metrics(edited, original, truth))
+        metrics["mask_iou"] = run_metrics.mask_iou(np.asarray(done.mask), truth)
+    if networks is not None:
+        metrics.update(networks.item(original, edited, done.item.target, truth))
     return metrics
 
 
-def save(out: Path, done: Edited, world: World) -> None:
+def save(out: Path, done: Edited, world: World, networks: run_metrics.ModelMetrics | None = None) -> None:
     """The edit, the mask, then the record (its presence means done), each atomically."""
     item = done.item
     files = {"edit": f"{item.id}.edit.png", "mask": f"{item.id}.mask.png"}
@@ -529,7 +533,7 @@ def save(out: Path, done: Edited, world: World) -> None:
         atomic_write(out / ITEMS / files[key], lambda tmp, p=picture: p.save(tmp, format="PNG"))
     record = {"id": item.id, "image": str(item.image), "source": item.source, "target": item.target,
               "edit_type": item.edit_type, "seed": item.seed, "settings": dataclasses.asdict(item.settings),
-              "mask_given": item.mask is not None, "outputs": files, "metrics": item_metrics(done),
+              "mask_given": item.mask is not None, "outputs": files, "metrics": item_metrics(done, networks),
               "seconds": done.seconds, "batch": done.batch, "rank": world.rank, "world_size": world.size}
     atomic_write_text(record_path(out, item.id), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -564,9 +568,12 @@ class Progress:
 
 
 # ---- the summary -------------------------------------------------------------------------------------------------
-METRIC_COLUMNS = (  # key, table heading, scale (PIE-Bench's tables: MSE x 10^4, SSIM x 10^2)
-    ("psnr_unedit_part", "bg PSNR (dB)", 1.0), ("mse_unedit_part", "bg MSE x1e4", 1e4),
-    ("ssim_unedit_part", "bg SSIM x1e2", 1e2), ("mask_iou", "mask IoU", 1.0), ("seconds", "s / edit", 1.0),
+METRIC_COLUMNS = (  # key, heading, scale (PIE-Bench's tables: structure and LPIPS x 10^3, MSE x 10^4, SSIM x 10^2)
+    ("structure_distance", "structure x1e3", 1e3), ("psnr_unedit_part", "bg PSNR (dB)", 1.0),
+    ("lpips_unedit_part", "bg LPIPS x1e3", 1e3), ("mse_unedit_part", "bg MSE x1e4", 1e4),
+    ("ssim_unedit_part", "bg SSIM x1e2", 1e2), ("clip_similarity_target_image", "CLIP whole", 1.0),
+    ("clip_similarity_target_image_edit_part", "CLIP edited", 1.0), ("mask_iou", "mask IoU", 1.0),
+    ("seconds", "s / edit", 1.0),
 )
 
 
@@ -580,13 +587,13 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Overall and per edit type rows, and the model metrics' status."""
+def summarise(records: Sequence[dict[str, Any]], model_metrics: dict[str, str]) -> dict[str, Any]:
+    """Overall and per edit type rows, and the model metrics' status (rank 0's ModelMetrics.status())."""
     types = sorted({r["edit_type"] for r in records if r["edit_type"]})
     per_type = {t: aggregate([r for r in records if r["edit_type"] == t]) for t in types}
     names = {t: pie_bench.EDIT_TYPES.get(t, t) for t in types}
     return {"overall": aggregate(records), "per_edit_type": per_type, "edit_type_names": names,
-            "model_metrics": run_metrics.model_metric_status()}
+            "model_metrics": model_metrics}
 
 
 def table(summary: dict[str, Any], pie: bool) -> str:
@@ -625,11 +632,11 @@ def contact_sheet(out: Path, records: Sequence[dict[str, Any]]) -> Image.Image:
     return sheet
 
 
-def write_summary(out: Path, items: Sequence[Item], pie: bool) -> dict[str, Any]:
+def write_summary(out: Path, items: Sequence[Item], pie: bool, model_metrics: dict[str, str]) -> dict[str, Any]:
     """Rank 0, after every rank is done: summary.json, summary.md, contact_sheet.png (each atomically)."""
     records = [json.loads(record_path(out, item.id).read_text(encoding="utf-8")) for item in items
                if record_path(out, item.id).is_file()]
-    summary = {**summarise(records), "missing": len(items) - len(records)}
+    summary = {**summarise(records, model_metrics), "missing": len(items) - len(records)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "summary.md", table(summary, pie))
     if records:
@@ -675,6 +682,7 @@ def _run(options: RunOptions, world: World) -> Iterator[str]:
     if world.rank == 0:
         prepare_folder(options.out, how, record)
     barrier(world)
+    networks = run_metrics.load_model_metrics(world.device)  # once per rank, from local caches only
     by_id = {item.id: item for item in items}
     todo = [by_id[i] for i in shard(list(by_id), world.rank, world.size)
             if not record_path(options.out, i).is_file()]
@@ -687,13 +695,13 @@ def _run(options: RunOptions, world: World) -> Iterator[str]:
         for chunk in batches(todo, options.batch_size, options.compat):
             results = [edit_one(model, chunk[0], options)] if len(chunk) == 1 else edit_batch(model, chunk, options)
             for result in results:
-                save(options.out, result, world)
+                save(options.out, result, world, networks)
             if not world.distributed:
                 progress.refresh()
     finally:
         progress.close()
     barrier(world)
     if world.rank == 0:
-        summary = write_summary(options.out, items, options.pie_bench is not None)
+        summary = write_summary(options.out, items, options.pie_bench is not None, networks.status())
         yield from table(summary, options.pie_bench is not None).splitlines()
         yield f"wrote {options.out / 'summary.md'}, summary.json, contact_sheet.png and {ITEMS}/"

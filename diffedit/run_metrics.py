@@ -270,8 +270,8 @@ def _torchvision_needs() -> str:
     minor = torch.__version__.split("+")[0].split(".")[:2]
     pair = f"0.{int(minor[1]) + 15}" if len(minor) == 2 and minor[0] == "2" and minor[1].isdigit() else "?"
     return (f"torchvision built for this torch {torch.__version__} (torch 2.N pairs with torchvision 0.(N+15), here "
-            f"{pair}.x, of the same build: a +cpu torch takes the +cpu torchvision of PyTorch's own wheel index; not in "
-            "the `metrics` extra, since any other would replace torch or fail to import)")
+            f"{pair}.x, of the same build: a +cpu torch takes the +cpu torchvision of PyTorch's own wheel index; not "
+            "in the `metrics` extra, since any other would replace torch or fail to import)")
 
 
 def _failed(what: str, error: Exception) -> str:
