@@ -237,10 +237,10 @@ def test_background_away_from_the_mask_is_kept(result) -> None:
     change = psnr(edited, reconstruction, far)  # what the edit adds to the VAE's loss (the decoder's reach)
     print(f"\n{result['name']}: background PSNR {value:.1f} dB, encode-decode {baseline:.1f} dB, "
           f"edit vs reconstruction {change:.1f} dB", end=" ")
-    # The latents there are z0's exactly (the masked blend), so the edit departs from decode(z0) only through the decoder's reach
-    # from the mask: less than the VAE's own error (measured: 1.7 to 9.7 dB above it). With the triangle
-    # inequality that bounds the error against the input by twice the VAE's, i.e. at most 20 log10(2) = 6.02 dB
-    # below the encode-decode baseline (measured: from 3.6 dB below to 1.2 dB above it).
+    # The latents there are z0's exactly (the masked blend), so the edit departs from decode(z0) only through the
+    # decoder's reach from the mask: by less than the VAE's own error (measured: 1.7 to 9.7 dB above it). By the
+    # triangle inequality that bounds the error against the input by twice the VAE's, i.e. at most
+    # 20 log10(2) = 6.02 dB below the encode-decode baseline (measured: from 3.6 dB below to 1.2 dB above it).
     assert change >= baseline
     assert value >= baseline - 20 * math.log10(2)
 
