@@ -201,7 +201,8 @@ def ddim_sample(
     `levels` is descending, e.g. `timesteps(schedule, 50)`; `denoiser(x, t)` returns the model's raw output (read
     by the schedule's prediction type, so eps- and v-models share the loop).
     """
-    for i, (t_cur, t_next) in enumerate(tqdm(list(zip(levels, [*levels[1:], -1])), desc="sample", disable=not progress)):
+    pairs = list(zip(levels, [*levels[1:], -1]))
+    for i, (t_cur, t_next) in enumerate(tqdm(pairs, desc="sample", disable=not progress)):
         step = ddim_step(schedule, denoiser(x, t_cur), x, t_cur, t_next, eta=eta, generator=generator)
         x = step.x
         if callback is not None:

@@ -1,0 +1,504 @@
+"""The GPU bench of issue 15: SD 1.5 architecture (random weights) at 512 x 512, ours against diffusers' pipeline.
+
+    python -m bench.gpu --device cuda --dtype bf16 --compile --sdxl --out bench/results-gpu.json   # the GPU command
+    python -m bench.gpu --device cpu --model tiny --size 64 --steps 4 --batch 2 --reps 2 --out /tmp/gpu-cpu.json
+
+In one process, on one set of random weights (diffusers' UNet and VAE adopt our tensors: bench/models.py):
+1. Fidelity first: our compat chain (diffusers_compat=True) in --dtype against diffusers' pipeline in its dtype (fp16
+   on CUDA): binary masks identical (bf16 against fp16: at most MASK_TOLERANCE of the pixels), inverted latents and
+   the edit (diffusers run on our mask and inversion) within TOLERANCE relative (max |ours - diffusers| / max
+   |diffusers|). A failed check is recorded and makes the exit status 1, but the timings still run (a lent GPU's
+   minutes are not spent twice).
+2. Side by side, alternating (the order rotated every repetition), medians: `ours` = edit_image (the paper's chain
+   and defaults: 10 maps, 50 steps, strength 0.8) at batch 1 and at --batch images in one call; `ours-compat` =
+   the compat chain at diffusers' settings; `diffusers` = StableDiffusionDiffEditPipeline with its documented
+   defaults (num_maps_per_mask 10, mask_encode_strength 0.5, 50 steps, inpaint_strength 0.8, guidance 7.5, invert's
+   guidance 7.5 too; the edit's negative prompt is the source prompt, as its documentation's example), SDPA
+   (AttnProcessor2_0), channels_last, at batch 1 and --batch. Per stage (mask, invert, edit: each
+   with its text, VAE and UNet work), end to end per edit, edits per second; peak memory of each side's run
+   (CUDA: max_memory_allocated; CPU: VmHWM) and above what was allocated before it ("working").
+   --compile: our UNet compiled (StableDiffusion.compile_unet, CUDA graphs on CUDA); its warm-up is timed apart
+   and the compiled chain is timed against diffusers (eager, as its defaults) once more.
+3. UNet throughput: FLOPs of one forward counted once (torch.utils.flop_counter), the median forward timed, at the
+   edit's CFG batch (2 rows) and at --batch's (2 x batch); TFLOP/s and the fraction of the device's dense bf16 /
+   fp16 peak (PEAK_TFLOPS by device name; otherwise the measured matmul rate, 8192^3 on CUDA, in --dtype).
+4. --sdxl: bench/sdxl.py's measurements (one SDXL UNet forward at batch 2 and 1 and a VAE decode at 1024 x 1024).
+
+Everything is a frozen dataclass below; the JSON file is dataclasses.asdict(Results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+import diffedit.chain
+from diffedit import edit_image
+from diffedit.model import StableDiffusion
+from diffedit.text import PromptEmbeddings
+
+from .models import Subject, build, diffusers_pipeline, shares_weights
+from .run import Env, RunOutput, Settings, _env, diffusers_edit, matmul_throughput, relative_error, run_diffusers
+from .run import run_ours
+from .sdxl import DTYPES, Measurement
+
+STAGES = ("mask", "invert", "edit")
+# Relative tolerance of the fidelity check by (ours, diffusers) dtype; the binary masks must be identical, except
+# that bf16 against fp16 (different roundings of every op) may flip MASK_TOLERANCE of the pixels near the threshold.
+TOLERANCE = {("fp32", "fp32"): 1e-4, ("fp16", "fp16"): 1e-2, ("bf16", "fp16"): 5e-2, ("bf16", "bf16"): 1e-2}
+MASK_TOLERANCE = {("bf16", "fp16"): 0.01}
+# Dense (no sparsity) bf16 / fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+               ("A100", 312.0), ("L40S", 362.0))
+TARGETS = dict(seconds_per_edit=0.5, speedup_vs_diffusers=5.0, unet_fraction_of_peak=0.5)  # issue 15, GPU
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    model: str
+    device: str
+    dtype: str  # ours
+    diffusers_dtype: str  # diffusers' pipeline (fp16 on CUDA, its documented half precision)
+    size: int
+    steps: int
+    num_maps: int
+    batch: int
+    reps: int
+    compile: bool
+    compile_mode: str | None
+    compile_backend: str
+    chain: Settings  # the compat chain's and diffusers' settings (diffusers' defaults)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    tolerance: float
+    mask_tolerance: float  # fraction of mask pixels allowed to differ
+    mask_pixels_differing: int
+    mask_fraction_on: float
+    inversion_rel_err: float
+    edit_rel_err_same_inputs: float  # diffusers' edit on our mask and inversion
+    passed: bool
+
+
+@dataclass(frozen=True)
+class SideTiming:
+    side: str  # "ours", "ours-compat", "diffusers", "ours-compiled", ...
+    batch: int
+    median_s: dict[str, float]  # per stage and "total"
+    samples_total_s: tuple[float, ...]
+    seconds_per_edit: float
+    edits_per_s: float
+    peak_memory_bytes: int
+    working_memory_bytes: int  # peak minus what was allocated (CPU: resident) before the run
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float
+    source: str  # "data sheet: <name>" or "measured matmul"
+    matmul_tflops: float  # measured n^3 matmul in --dtype, best of 5
+    matmul_n: int
+
+
+@dataclass(frozen=True)
+class UnetRate:
+    rows: int
+    compiled: bool
+    gflop: float  # one forward, counted by FlopCounterMode
+    median_s: float
+    tflops: float
+    fraction_of_peak: float
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: float
+    value: float | None
+    met: bool | None
+
+
+@dataclass(frozen=True)
+class Results:
+    env: Env
+    settings: GpuSettings
+    shared_weights: bool  # diffusers holds our very tensors (same dtype on both sides)
+    fidelity: Fidelity
+    compile_warmup_s: float | None
+    timings: tuple[SideTiming, ...]
+    peak: Peak
+    unet: tuple[UnetRate, ...]
+    sdxl: tuple[Measurement, ...] | None
+    targets: tuple[Target, ...]
+
+
+# ---- timing helpers ---------------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Stages:
+    """Wall time per stage: a device synchronisation at each stage's boundaries only (never inside a loop)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, count_flops: bool = False) -> Iterator[None]:  # bench.run.Recorder's interface
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[name] = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def staged_chain(stages: Stages) -> Iterator[None]:
+    """edit_image's three stages timed where it calls them (diffedit.chain's names wrapped for the duration)."""
+    originals = {name: getattr(diffedit.chain, name) for name in ("generate_mask", "invert", "edit")}
+    labels = dict(generate_mask="mask", invert="invert", edit="edit")
+
+    def timed(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with stages.stage(labels[name]):
+                return originals[name](*args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(diffedit.chain, name, timed(name))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(diffedit.chain, name, fn)
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, into: dict[str, int]) -> Iterator[None]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+        before = _rss("VmRSS")
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss("VmHWM")
+    into.update(peak=peak, working=peak - before)
+
+
+# ---- the sides ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Side:
+    name: str
+    batch: int
+    run: Callable[[Stages], Any]  # fills Stages.seconds with mask / invert / edit
+
+
+def batched(sub: Subject, batch: int) -> tuple[Tensor, list[str], list[str]]:
+    # distinct images (the same picture shifted), so that no side can share work across rows
+    images = torch.cat([torch.roll(sub.image, shifts=7 * i, dims=-1) for i in range(batch)])
+    return images, [sub.source] * batch, [sub.target] * batch
+
+
+def ours_side(sub: Subject, s: GpuSettings, batch: int, name: str = "ours") -> Side:
+    images, source, target = batched(sub, batch)
+
+    def run(stages: Stages) -> Any:
+        with staged_chain(stages):
+            return edit_image(sub.model, images, source, target, seed=0, steps=s.steps, num_maps=s.num_maps,
+                              output_type="np", progress=False)
+    return Side(name, batch, run)
+
+
+def compat_side(sub: Subject, s: GpuSettings) -> Side:
+    return Side("ours-compat", 1, lambda stages: run_ours(sub, s.chain, stages, compat=True))  # type: ignore[arg-type]
+
+
+def diffusers_side(ref: Subject, pipe: Any, s: GpuSettings, batch: int) -> Side:
+    images, source, target = batched(ref, batch)
+    sub = Subject(ref.name, ref.model, images, source, target)  # type: ignore[arg-type]
+    return Side("diffusers", batch, lambda stages: run_diffusers(sub, pipe, s.chain, stages))  # type: ignore[arg-type]
+
+
+def time_sides(sides: list[Side], reps: int, device: torch.device) -> list[SideTiming]:
+    """Each side once untimed (warm-up), then `reps` rounds, the order rotated each round; medians."""
+    stages = Stages(device)
+    for side in sides:
+        side.run(stages)
+    samples: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+    memory: dict[str, dict[str, int]] = {side.name: {} for side in sides}
+    for r in range(reps):
+        for side in sides[r % len(sides):] + sides[: r % len(sides)]:
+            stages.seconds = {}
+            mem: dict[str, int] = {}
+            with peak_memory(device, mem):
+                side.run(stages)
+            sample = {st: stages.seconds[st] for st in STAGES}
+            sample["total"] = sum(sample.values())
+            samples[side.name].append(sample)
+            memory[side.name] = {k: max(v, memory[side.name].get(k, 0)) for k, v in mem.items()}
+    out = []
+    for side in sides:
+        median = {k: statistics.median(x[k] for x in samples[side.name]) for k in (*STAGES, "total")}
+        out.append(SideTiming(side.name, side.batch, median, tuple(x["total"] for x in samples[side.name]),
+                              median["total"] / side.batch, side.batch / median["total"],
+                              memory[side.name]["peak"], memory[side.name]["working"]))
+        _log(f"  {side.name} batch {side.batch}: {median['total']:.3f} s "
+             f"({', '.join(f'{st} {median[st]:.3f}' for st in STAGES)}), "
+             f"peak {memory[side.name]['peak'] / 2**30:.2f} GiB")
+    return out
+
+
+# ---- fidelity ---------------------------------------------------------------------------------------------------
+def fidelity(sub: Subject, ref: Subject, pipe: Any, s: GpuSettings) -> Fidelity:
+    key = (s.dtype, s.diffusers_dtype)
+    tol, mask_tol = TOLERANCE.get(key, 5e-2), MASK_TOLERANCE.get(key, 0.0)
+    stages = Stages(sub.model.device)
+    ours: RunOutput = run_ours(sub, s.chain, stages, compat=True)  # type: ignore[arg-type]
+    theirs: RunOutput = run_diffusers(ref, pipe, s.chain, stages)  # type: ignore[arg-type]
+    assert ours.inversion is not None
+    latents = ours.inversion.latents.to(pipe.unet.dtype)  # diffusers' edit on our mask and inversion
+    same_inputs = diffusers_edit(ref, pipe, s.chain, ours.mask, latents)
+    differing = int((ours.mask != np.asarray(theirs.mask)).sum())
+    inversion_err = relative_error(ours.latents, theirs.latents)
+    edit_err = relative_error(ours.images, same_inputs)
+    passed = differing <= mask_tol * ours.mask.size and inversion_err < tol and edit_err < tol
+    return Fidelity(tol, mask_tol, differing, float(np.asarray(theirs.mask).mean()), inversion_err, edit_err, passed)
+
+
+# ---- throughput -------------------------------------------------------------------------------------------------
+def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+    n = 8192 if device.type == "cuda" else 1024
+    mm = matmul_throughput(device, n, 5, dtype)
+    measured = mm.best_gflops / 1e3
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS:
+            if key in name:
+                return Peak(tflops, f"data sheet: {key} dense bf16/fp16 ({name})", measured, n)
+    return Peak(measured, "measured matmul", measured, n)
+
+
+def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: Peak, compiled: bool,
+              gflop: float | None = None) -> UnetRate:
+    """One UNet forward of `rows` rows through StableDiffusion.unet_output (the path the loops take, compiled or
+    not): FLOPs counted once when not given, then the median of `reps` timed forwards."""
+    dev, cfg = model.device, model.config
+    g = _gen(7)  # the model's own input sizes, random values (the UNet's work does not depend on them)
+    x = torch.randn(rows, cfg.unet.in_channels, latent, latent, generator=g).to(dev, model.dtype)
+    tokens = torch.randn(rows, cfg.text.max_length, cfg.unet.cross_attention_dim, generator=g).to(dev, model.dtype)
+    cond = PromptEmbeddings(tokens)  # SD 1.x / 2.x conditioning: the tokens alone
+    stages = Stages(dev)
+    with torch.no_grad():
+        if gflop is None:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model.unet_output(x, 501, cond)
+            gflop = counter.get_total_flops() / 1e9
+        for _ in range(2):  # warm-up (compiled: the graph of this shape)
+            model.unet_output(x, 501, cond)
+        times = []
+        for _ in range(reps):
+            stages.sync()
+            t0 = time.perf_counter()
+            model.unet_output(x, 501, cond)
+            stages.sync()
+            times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    tflops = gflop / sec / 1e3
+    return UnetRate(rows, compiled, gflop, sec, tflops, tflops / peak.tflops)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def subjects(args: argparse.Namespace) -> tuple[Subject, Subject, Any]:
+    """Ours in --dtype and diffusers' pipeline in its dtype on the same random weights: one model (shared tensors)
+    when the dtypes agree, else a copy of the same weights cast for diffusers."""
+    device = torch.device(args.device)
+    base = build(args.model, "cpu", torch.float32, size=args.size)  # seeded random weights, built once
+
+    def place(model: StableDiffusion, dtype: torch.dtype) -> StableDiffusion:
+        model = model.to(device=device, dtype=dtype).eval()
+        if device.type == "cuda":  # NHWC convolutions: cuDNN's fast layout for half precision
+            model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
+        return model
+
+    ours_dtype, ref_dtype = DTYPES[args.dtype], DTYPES[diffusers_dtype(args)]
+    ref_model = copy.deepcopy(base.model) if ours_dtype != ref_dtype else base.model
+    ours = Subject(base.name, place(base.model, ours_dtype), base.image, base.source, base.target, base.note)
+    ref = ours if ref_model is base.model else Subject(base.name, place(ref_model, ref_dtype), base.image,
+                                                       base.source, base.target, base.note)
+    return ours, ref, diffusers_pipeline(ref.model, sample_size=args.size // 8)
+
+
+def diffusers_dtype(args: argparse.Namespace) -> str:
+    return "fp16" if args.device.startswith("cuda") else "fp32"  # CPU: half-precision convolutions are not fast
+
+
+def sdxl_measurements(args: argparse.Namespace) -> tuple[Measurement, ...]:
+    from . import sdxl
+
+    out = Path("/tmp") / f"bench-gpu-sdxl-{time.time_ns()}.json"
+    sdxl.main(["--device", args.device, "--dtype", args.dtype, "--size", str(args.sdxl_size), "--reps",
+               str(max(args.reps // 2, 1)), "--out", str(out)])
+    data = json.loads(out.read_text())
+    out.unlink()
+    return tuple(Measurement(**{**m, "seconds_all": tuple(m["seconds_all"])}) for m in data["measurements"])
+
+
+def targets(timings: list[SideTiming], unet: list[UnetRate]) -> tuple[Target, ...]:
+    by = {(t.side, t.batch): t for t in timings}
+    best1 = min((t.seconds_per_edit for t in timings if t.side.startswith("ours") and t.side != "ours-compat"
+                 and t.batch == 1), default=None)
+    diff1 = by.get(("diffusers", 1))
+    speedup = None if best1 is None or diff1 is None else diff1.seconds_per_edit / best1
+    big = [u.fraction_of_peak for u in unet if u.rows > 2]
+    frac = max(big) if big else None
+    ours = [t for t in timings if t.side.startswith("ours") and t.side != "ours-compat"]
+    mem = [(t, by.get(("diffusers", t.batch))) for t in ours]
+    mem_ok = all(d is None or t.peak_memory_bytes <= d.peak_memory_bytes for t, d in mem)
+
+    def target(name: str, goal: float, value: float | None, met: Callable[[float], bool]) -> Target:
+        return Target(name, goal, value, None if value is None else met(value))
+
+    return (target("seconds_per_edit_batch1", TARGETS["seconds_per_edit"], best1, lambda v: v <= 0.5),
+            target("speedup_vs_diffusers_batch1", TARGETS["speedup_vs_diffusers"], speedup, lambda v: v >= 5.0),
+            target("unet_fraction_of_peak_big_batch", TARGETS["unet_fraction_of_peak"], frac, lambda v: v >= 0.5),
+            Target("peak_memory_at_most_diffusers", 1.0, None, mem_ok))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="ours (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of every side (default 50: both defaults)")
+    p.add_argument("--num-maps", type=int, default=10, help="the mask's noise maps (default 10: both defaults)")
+    p.add_argument("--batch", type=int, default=8, help="images per call for edits per second (default 8)")
+    p.add_argument("--reps", type=int, default=3, help="timed rounds per side (default 3), medians reported")
+    p.add_argument("--unet-reps", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="also time our chain with the UNet compiled")
+    p.add_argument("--compile-mode", default=None, help="StableDiffusion.compile_unet's mode (default: its own)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; aot_eager: a quick CPU check of the compiled path)")
+    p.add_argument("--sdxl", action="store_true", help="also bench/sdxl.py's SDXL UNet and VAE at --sdxl-size")
+    p.add_argument("--sdxl-size", type=int, default=1024)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    # diffusers' documented defaults (its signatures): the paper's, except the inversion's guidance (7.5, with "": 80
+    # UNet rows where the paper's unconditional encoding has 40); the compat chain does the same work
+    chain = Settings(steps=args.steps, num_maps=args.num_maps, mask_strength=0.5, strength=0.8, guidance=7.5,
+                     inversion_guidance=7.5)
+    t0 = time.perf_counter()
+    ours, ref, pipe = subjects(args)
+    s = GpuSettings(args.model, str(device), args.dtype, diffusers_dtype(args), args.size, args.steps, args.num_maps,
+                    args.batch, args.reps, args.compile, args.compile_mode, args.compile_backend, chain)
+    _log(f"built in {time.perf_counter() - t0:.1f} s: {s}")
+    latent = args.size // ours.model.config.vae.downsample_factor
+    with torch.no_grad():
+        check = fidelity(ours, ref, pipe, s)
+        _log(f"fidelity: {check}")
+        peak = device_peak(device, DTYPES[args.dtype])
+        _log(f"peak: {peak}")
+        unet = [unet_rate(ours.model, latent, rows, args.unet_reps, peak, False) for rows in (2, 2 * args.batch)]
+        _log(f"UNet: {[(u.rows, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]}")
+        timings = time_sides([ours_side(ours, s, 1), compat_side(ours, s), diffusers_side(ref, pipe, s, 1)],
+                             args.reps, device)
+        timings += time_sides([ours_side(ours, s, args.batch), diffusers_side(ref, pipe, s, args.batch)],
+                              max(args.reps - 1, 1), device)
+        warmup = None
+        shared = shares_weights(ours.model, pipe)
+        # written now too: should a lent machine's time run out during compilation, the eager figures are kept
+        write(args.out, Results(_env(args.device), s, shared, check, None, tuple(timings), peak, tuple(unet), None,
+                                targets(timings, unet)))
+        if args.compile:
+            ours.model.compile_unet(args.compile_mode, backend=args.compile_backend)
+            t1 = time.perf_counter()
+            for side in (ours_side(ours, s, 1), ours_side(ours, s, args.batch)):  # each shape compiled once
+                side.run(Stages(device))
+            warmup = time.perf_counter() - t1
+            _log(f"compiled ({ours.model.compile_mode}) and warmed up in {warmup:.1f} s")
+            unet += [unet_rate(ours.model, latent, u.rows, args.unet_reps, peak, True, u.gflop) for u in unet[:2]]
+            timings += time_sides([ours_side(ours, s, 1, "ours-compiled"), diffusers_side(ref, pipe, s, 1)],
+                                  args.reps, device)
+            timings += time_sides([ours_side(ours, s, args.batch, "ours-compiled")], max(args.reps - 1, 1), device)
+    del pipe, ours, ref
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    sdxl = sdxl_measurements(args) if args.sdxl else None
+    results = Results(_env(args.device), s, shared, check, warmup,
+                      tuple(timings), peak, tuple(unet), sdxl, targets(timings, unet))
+    write(args.out, results)
+    print(summary(results))
+    return 0 if check.passed else 1
+
+
+def write(out: Path | None, results: Results) -> None:
+    if out is not None:
+        out.write_text(json.dumps(asdict(results), indent=2) + "\n", encoding="utf-8")
+        _log(f"wrote {out}")
+
+
+def summary(r: Results) -> str:
+    lines = [f"{r.env.device}, ours {r.settings.dtype}, diffusers {r.settings.diffusers_dtype}, "
+             f"{r.settings.model} at {r.settings.size} x {r.settings.size}; fidelity "
+             f"{'passed' if r.fidelity.passed else 'FAILED'}",
+             "| side | batch | mask s | invert s | edit s | s / edit | edits / s | peak GiB |", "|" + " --- |" * 8]
+    for t in r.timings:
+        lines.append(f"| {t.side} | {t.batch} | " + " | ".join(f"{t.median_s[st]:.3f}" for st in STAGES)
+                     + f" | {t.seconds_per_edit:.3f} | {t.edits_per_s:.2f} | {t.peak_memory_bytes / 2**30:.2f} |")
+    for u in r.unet:
+        lines.append(f"UNet {u.rows} rows{' compiled' if u.compiled else ''}: {u.tflops:.2f} TFLOP/s = "
+                     f"{100 * u.fraction_of_peak:.1f}% of {r.peak.tflops:.1f} ({r.peak.source})")
+    lines += [f"target {t.name}: goal {t.goal}, value {t.value}, met {t.met}" for t in r.targets]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
