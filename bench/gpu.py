@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import statistics
@@ -144,7 +143,7 @@ class Results:
     shared_weights: bool  # diffusers holds our very tensors (same dtype on both sides)
     fidelity: Fidelity  # ours (compat) in diffusers' dtype on diffusers' tensors: gates the run (exit status 1)
     fidelity_dtype: Fidelity | None  # ours (compat) in --dtype against diffusers, when the dtypes differ: reported
-    compile_warmup_s: float | None
+    compile_warmup_s: dict[str, float]  # "batch 1" / "batch 8": the first compiled chain of that batch, seconds
     timings: tuple[SideTiming, ...]
     peak: Peak
     unet: tuple[UnetRate, ...]
@@ -393,6 +392,8 @@ def sdxl_measurements(args: argparse.Namespace) -> tuple[Measurement, ...]:
                str(max(args.reps // 2, 1)), "--out", str(out)])
     data = json.loads(out.read_text())
     out.unlink()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the SDXL networks are gone: give their blocks back before the compiled runs
     return tuple(Measurement(**{**m, "seconds_all": tuple(m["seconds_all"])}) for m in data["measurements"])
 
 
@@ -467,30 +468,38 @@ def main(argv: list[str] | None = None) -> int:
                              args.reps, device)
         timings += time_sides([ours_side(ours, s, args.batch), diffusers_side(ref, pipe, s, args.batch)],
                               max(args.reps - 1, 1), device)
-        warmup = None
         shared = shares_weights(ours.model, pipe)
-        # written now too: should a lent machine's time run out during compilation, the eager figures are kept
-        write(args.out, Results(_env(args.device), s, shared, check, drift, None, tuple(timings), peak, tuple(unet),
-                                None, targets(timings, unet, device), os.getloadavg()))
+        warmup: dict[str, float] = {}
+        sdxl: tuple[Measurement, ...] | None = None
+
+        def snapshot() -> Results:
+            """The results so far, written at once: should a lent machine's time run out (compilation is the long
+            part), what was measured is kept."""
+            results = Results(_env(args.device), s, shared, check, drift, dict(warmup), tuple(timings), peak,
+                              tuple(unet), sdxl, targets(timings, unet, device), os.getloadavg())
+            write(args.out, results)
+            return results
+
+        snapshot()
+        if args.sdxl:  # before compiling: eager, and a matter of seconds on a GPU
+            sdxl = sdxl_measurements(args)
+            snapshot()
         if args.compile:
             ours.model.compile_unet(args.compile_mode, backend=args.compile_backend)
-            t1 = time.perf_counter()
-            for side in (ours_side(ours, s, 1), ours_side(ours, s, args.batch)):  # each shape compiled once
-                side.run(Stages(device))
-            warmup = time.perf_counter() - t1
-            _log(f"compiled ({ours.model.compile_mode}) and warmed up in {warmup:.1f} s")
-            unet += [unet_rate(ours.model, latent, u.rows, args.unet_reps, peak, True, u.gflop) for u in unet[:2]]
-            timings += time_sides([ours_side(ours, s, 1, "ours-compiled"), diffusers_side(ref, pipe, s, 1)],
-                                  args.reps, device)
-            timings += time_sides([ours_side(ours, s, args.batch, "ours-compiled")], max(args.reps - 1, 1), device)
-    del pipe, ours, ref
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    sdxl = sdxl_measurements(args) if args.sdxl else None
-    results = Results(_env(args.device), s, shared, check, drift, warmup,
-                      tuple(timings), peak, tuple(unet), sdxl, targets(timings, unet, device), os.getloadavg())
-    write(args.out, results)
+            for batch in (1, args.batch):  # each batch shape compiled once (batch 1: 3 shapes; --batch: 2 more)
+                t1 = time.perf_counter()
+                ours_side(ours, s, batch).run(Stages(device))
+                warmup[f"batch {batch}"] = time.perf_counter() - t1
+                _log(f"compiled ({ours.model.compile_mode}) and warmed up at batch {batch} in "
+                     f"{warmup[f'batch {batch}']:.1f} s")
+                rows = 2 * batch
+                unet.append(unet_rate(ours.model, latent, rows, args.unet_reps, peak, True,
+                                      next(u.gflop for u in unet if u.rows == rows)))
+                sides = [ours_side(ours, s, batch, "ours-compiled")] + ([diffusers_side(ref, pipe, s, 1)]
+                                                                        if batch == 1 else [])
+                timings += time_sides(sides, args.reps if batch == 1 else max(args.reps - 1, 1), device)
+                snapshot()
+    results = snapshot()
     print(summary(results))
     return 0 if check.passed else 1
 
