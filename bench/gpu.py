@@ -1,7 +1,8 @@
 """The GPU bench of issue 15: SD 1.5 architecture (random weights) at 512 x 512, ours against diffusers' pipeline.
 
     python -m bench.gpu --device cuda --dtype bf16 --compile --sdxl --out bench/results-gpu.json   # the GPU command
-    python -m bench.gpu --device cpu --model tiny --size 64 --steps 4 --batch 2 --reps 2 --out /tmp/gpu-cpu.json
+    python -m bench.gpu --device cpu --model tiny --size 64 --steps 4 --batch 2 --reps 2 \
+        --compile --compile-backend aot_eager --out /tmp/gpu-cpu.json                         # a CPU check
 
 In one process, on one set of random weights (diffusers' UNet and VAE adopt our tensors: bench/models.py):
 1. Fidelity first: our compat chain (diffusers_compat=True) on the very model diffusers' pipeline holds (its dtype,
@@ -20,9 +21,10 @@ In one process, on one set of random weights (diffusers' UNet and VAE adopt our 
    (CUDA: max_memory_allocated; CPU: VmHWM) and above what was allocated before it ("working").
    --compile: our UNet compiled (StableDiffusion.compile_unet, CUDA graphs on CUDA); its warm-up is timed apart
    and the compiled chain is timed against diffusers (eager, as its defaults) once more.
-3. UNet throughput: FLOPs of one forward counted once (torch.utils.flop_counter), the median forward timed, at the
-   edit's CFG batch (2 rows) and at --batch's (2 x batch); TFLOP/s and the fraction of the device's dense bf16 /
-   fp16 peak (PEAK_TFLOPS by device name; otherwise the measured matmul rate, 8192^3 on CUDA, in --dtype).
+3. UNet throughput, ours and diffusers' (each in its dtype): FLOPs of one forward counted once
+   (torch.utils.flop_counter), the median forward timed, at the edit's CFG batch (2 rows) and at --batch's
+   (2 x batch); TFLOP/s and the fraction of the device's dense bf16 / fp16 peak (PEAK_TFLOPS by device name;
+   otherwise the measured matmul rate, 8192^3 on CUDA, in --dtype).
 4. --sdxl: bench/sdxl.py's measurements (one SDXL UNet forward at batch 2 and 1 and a VAE decode at 1024 x 1024).
 
 Everything is a frozen dataclass below; the JSON file is dataclasses.asdict(Results).
@@ -120,6 +122,7 @@ class Peak:
 
 @dataclass(frozen=True)
 class UnetRate:
+    side: str  # "ours" (StableDiffusion.unet_output) or "diffusers" (pipe.unet)
     rows: int
     compiled: bool
     gflop: float  # one forward, counted by FlopCounterMode
@@ -329,33 +332,40 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
 
 
 def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: Peak, compiled: bool,
-              gflop: float | None = None) -> UnetRate:
-    """One UNet forward of `rows` rows through StableDiffusion.unet_output (the path the loops take, compiled or
-    not): FLOPs counted once when not given, then the median of `reps` timed forwards."""
+              gflop: float | None = None, pipe: Any = None) -> UnetRate:
+    """One UNet forward of `rows` rows: ours through StableDiffusion.unet_output (the path the loops take, compiled
+    or not), or with `pipe` diffusers' UNet as its pipeline calls it. FLOPs counted once when not given, then the
+    median of `reps` timed forwards."""
     dev, cfg = model.device, model.config
+    dtype = model.dtype if pipe is None else pipe.unet.dtype
     g = _gen(7)  # the model's own input sizes, random values (the UNet's work does not depend on them)
-    x = torch.randn(rows, cfg.unet.in_channels, latent, latent, generator=g).to(dev, model.dtype)
-    tokens = torch.randn(rows, cfg.text.max_length, cfg.unet.cross_attention_dim, generator=g).to(dev, model.dtype)
+    x = torch.randn(rows, cfg.unet.in_channels, latent, latent, generator=g).to(dev, dtype)
+    tokens = torch.randn(rows, cfg.text.max_length, cfg.unet.cross_attention_dim, generator=g).to(dev, dtype)
     cond = PromptEmbeddings(tokens)  # SD 1.x / 2.x conditioning: the tokens alone
+    t = torch.full((rows,), 501, device=dev)
+    if pipe is None:
+        call = lambda: model.unet_output(x, 501, cond)  # noqa: E731
+    else:
+        call = lambda: pipe.unet(x, t, encoder_hidden_states=tokens, return_dict=False)[0]  # noqa: E731
     stages = Stages(dev)
     with torch.no_grad():
         if gflop is None:
             counter = FlopCounterMode(display=False)
             with counter:
-                model.unet_output(x, 501, cond)
+                call()
             gflop = counter.get_total_flops() / 1e9
         for _ in range(2):  # warm-up (compiled: the graph of this shape)
-            model.unet_output(x, 501, cond)
+            call()
         times = []
         for _ in range(reps):
             stages.sync()
             t0 = time.perf_counter()
-            model.unet_output(x, 501, cond)
+            call()
             stages.sync()
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     tflops = gflop / sec / 1e3
-    return UnetRate(rows, compiled, gflop, sec, tflops, tflops / peak.tflops)
+    return UnetRate("ours" if pipe is None else "diffusers", rows, compiled, gflop, sec, tflops, tflops / peak.tflops)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -406,7 +416,7 @@ def targets(timings: list[SideTiming], unet: list[UnetRate], device: torch.devic
                  and t.batch == 1), default=None)
     diff1 = by.get(("diffusers", 1))
     speedup = None if best1 is None or diff1 is None else diff1.seconds_per_edit / best1
-    big = [u.fraction_of_peak for u in unet if u.rows > 2]
+    big = [u.fraction_of_peak for u in unet if u.rows > 2 and u.side == "ours"]
     frac = max(big) if big else None
     ours = [t for t in timings if t.side.startswith("ours") and t.side != "ours-compat"]
     mem = [(t, by.get(("diffusers", t.batch))) for t in ours]
@@ -462,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"fidelity: {check}; in {s.dtype}: {drift}")
         peak = device_peak(device, DTYPES[args.dtype])
         _log(f"peak: {peak}")
-        unet = [unet_rate(ours.model, latent, rows, args.unet_reps, peak, False) for rows in (2, 2 * args.batch)]
-        _log(f"UNet: {[(u.rows, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]}")
+        unet = [unet_rate(side.model, latent, rows, args.unet_reps, peak, False, pipe=p)
+                for rows in (2, 2 * args.batch) for side, p in ((ours, None), (ref, pipe))]
+        _log(f"UNet: {[(u.side, u.rows, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]}")
         timings = time_sides([ours_side(ours, s, 1), compat_side(ours, s), diffusers_side(ref, pipe, s, 1)],
                              args.reps, device)
         timings += time_sides([ours_side(ours, s, args.batch), diffusers_side(ref, pipe, s, args.batch)],
@@ -494,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{warmup[f'batch {batch}']:.1f} s")
                 rows = 2 * batch
                 unet.append(unet_rate(ours.model, latent, rows, args.unet_reps, peak, True,
-                                      next(u.gflop for u in unet if u.rows == rows)))
+                                      next(u.gflop for u in unet if u.rows == rows and u.side == "ours")))
                 sides = [ours_side(ours, s, batch, "ours-compiled")] + ([diffusers_side(ref, pipe, s, 1)]
                                                                         if batch == 1 else [])
                 timings += time_sides(sides, args.reps if batch == 1 else max(args.reps - 1, 1), device)
@@ -523,7 +534,7 @@ def summary(r: Results) -> str:
         lines.append(f"| {t.side} | {t.batch} | " + " | ".join(f"{t.median_s[st]:.3f}" for st in STAGES)
                      + f" | {t.seconds_per_edit:.3f} | {t.edits_per_s:.2f} | {t.peak_memory_bytes / 2**30:.2f} |")
     for u in r.unet:
-        lines.append(f"UNet {u.rows} rows{' compiled' if u.compiled else ''}: {u.tflops:.3g} TFLOP/s = "
+        lines.append(f"UNet {u.side} {u.rows} rows{' compiled' if u.compiled else ''}: {u.tflops:.3g} TFLOP/s = "
                      f"{100 * u.fraction_of_peak:.1f}% of {r.peak.tflops:.3g} ({r.peak.source})")
     lines += [f"target {t.name}: goal {t.goal}, value {t.value}, met {t.met}" for t in r.targets]
     return "\n".join(lines)
