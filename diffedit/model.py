@@ -124,7 +124,8 @@ class StableDiffusion(nn.Module):
         """SDXL's default size conditioning for `latents` (B, C, h, w): original and target size the image's own
         (h, w) in pixels, crop (0, 0), what SDXL's pipeline passes for an uncropped image of that size. (B, 6)."""
         h, w = (s * self.config.vae.downsample_factor for s in latents.shape[-2:])
-        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=latents.device).expand(len(latents), -1)
+        sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)  # built on the host, copied without a sync
+        return sizes.to(latents.device, non_blocking=True).expand(len(latents), -1)
 
     # ---- images <-> latents -------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,4 +13,6 @@ def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None
     different streams for one seed, so drawing on the model's device would tie the result to it.
     """
     device = generator.device if generator is not None else like.device
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=like.dtype).to(like.device)
+    # non_blocking: the copy to a GPU does not make the host wait for the GPU's queue (no sync inside the loops)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=like.dtype).to(like.device,
+                                                                                            non_blocking=True)
