@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from . import vae as vae_module
 from .chain import edit_image
 from .edit import Inversion, MaskResult, generate_mask, invert
-from .files import atomic_write, load_inversion, save_inversion
+from .files import Interrupts, atomic_write, load_inversion, save_inversion
 from .image import DEFAULT_MAX_PIXELS, overlay, read_image, side_by_side, size_warning, to_pil, to_tensor
 from .model import StableDiffusion, load
 from .run import EditSettings, RunOptions, run_dataset
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return _fail(e)
     say = (lambda *a: None) if args.quiet else print
-    with warnings.catch_warnings(), _Interrupts() as interrupts, _QuietVAE(args.quiet):
+    with warnings.catch_warnings(), Interrupts() as interrupts, _QuietVAE(args.quiet):
         warnings.showwarning = lambda message, *rest, **kw: print(f"diffedit: warning: {message}", file=sys.stderr)
         try:
             run = {"edit": _edit, "mask": _mask, "invert": _invert, "demo": _demo, "eval": _eval,
@@ -210,33 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                                        "--dtype bf16 or another --device"))
             raise  # a bug: keep the traceback
     return 0
-
-
-class _Interrupts:
-    """SIGINT / SIGTERM raise KeyboardInterrupt inside the block and are remembered, so that an interruption a
-    library turns into an error of its own (safetensors does) is still reported as one (as weights_convert does).
-    The previous handlers are put back on the way out; off the main thread nothing is installed."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> "_Interrupts":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread
-                break
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be put back
-                signal.signal(signum, handler)
 
 
 def _interrupted(signum: int | None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,3 +104,32 @@ def load_inversion(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str]]:
         raise ValueError(f"{not_ours}: timesteps must be a 1-d int64 tensor")
     inversion = Inversion(tensors["z0"], tensors["latents"], tuple(tensors["timesteps"].tolist()), **settings)
     return inversion, made_from
+
+
+class Interrupts:
+    """SIGINT / SIGTERM raise KeyboardInterrupt inside the block (so temporaries are removed as on Ctrl-C) and are
+    remembered: an interruption that a library turns into an error of its own (safetensors does: "could not
+    determine the shape of object type 'torch.storage.UntypedStorage'") is still reported as one. Used by both
+    commands (`diffedit`, `python -m weights_convert`). The previous handlers are put back on the way out; off the
+    main thread (an embedding application) nothing is installed and its own handlers stay."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "Interrupts":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(signum, handler)

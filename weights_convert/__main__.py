@@ -11,6 +11,8 @@ import argparse
 import signal
 import sys
 
+from diffedit.files import Interrupts
+
 from .convert import ConversionError, convert
 from .export import export_diffusers
 
@@ -78,37 +80,9 @@ def one_line(error: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
 
 
-class _Interrupts:
-    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block, so the temporary folders are removed as on
-    Ctrl-C, and are remembered: a library that turns the KeyboardInterrupt into an error of its own (safetensors
-    does, "could not determine the shape of object type 'torch.storage.UntypedStorage'") is still reported as an
-    interruption. The previous handlers are restored on the way out."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> "_Interrupts":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (an embedding application): its own handlers stay
-                break
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
-                signal.signal(signum, handler)  # type: ignore[arg-type]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         try:
             if args.to == "diffusers":
                 for flag in ("tokenizer", "prediction_type", "image_size"):
