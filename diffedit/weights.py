@@ -58,20 +58,26 @@ def check_state_dict(given: dict[str, Tensor], expected: dict[str, torch.Size], 
         raise ValueError("\n".join(parts))
 
 
+def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """A JSON file that must hold an object, or `error` naming the file (bad JSON, too deep, another type)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(content, dict):
+        got = "null" if content is None else f"a {type(content).__name__}"
+        raise error(f"{path} must hold a JSON object, got {got}")
+    return content
+
+
 def read_config(folder: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, provenance) from a model folder's model.json."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a diffedit model folder: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
-    if not isinstance(meta, dict):
-        got = "null" if meta is None else f"a {type(meta).__name__}"
-        raise ValueError(f"{path} must hold a JSON object, got {got}")
+    meta = read_json_object(path)
     if meta.get("format") != FORMAT:  # a missing key is reported as the wrong format, on purpose
         raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("config", "provenance"):

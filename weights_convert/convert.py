@@ -18,7 +18,6 @@ Every path ends in the same steps:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import sys
@@ -35,7 +34,8 @@ from diffedit.configs import ModelConfig, TextConfig
 from diffedit.text import PROJECTION, build_text_model, load_tokenizer, text_state_dict
 from diffedit.unet import UNet
 from diffedit.vae import AutoencoderKL
-from diffedit.weights import CONFIG_FILE, check_state_dict, components, sha256_file, write_model_folder
+from diffedit.weights import CONFIG_FILE, check_state_dict, components, read_json_object, sha256_file
+from diffedit.weights import write_model_folder
 
 from . import __version__
 from .detect import detect_single_file
@@ -265,16 +265,7 @@ def read_diffusers_folder(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ConversionError(f"{path} is not valid JSON: nested too deeply") from None
-    if not isinstance(content, dict):
-        got = "null" if content is None else f"a {type(content).__name__}"
-        raise ConversionError(f"{path} must hold a JSON object, got {got}")
-    return content
+    return read_json_object(path, ConversionError)
 
 
 def refuse_other_models(folder: Path) -> None:
