@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from . import compat
-from .ddim import timesteps
+from .ddim import add_noise, timesteps
 from .image import ImageInput, to_mask, to_numpy, to_pil, to_tensor
 from .model import AttentionHook, StableDiffusion
+from .noise import randn
 from .regulariser import InversionRegulariser
 from .rows import tile, to_rows
 from .text import PromptEmbeddings, PromptInput, as_prompt_list
@@ -269,6 +270,21 @@ def maps_in_one_call(z: Tensor, num_maps: int) -> int:
     takes by default: all that fit in MAP_CALL_LATENT_PIXELS, at least one."""
     per_map = 2 * len(z) * z.shape[-2] * z.shape[-1]
     return max(1, min(num_maps, MAP_CALL_LATENT_PIXELS // per_map))
+
+
+def map_calls(z: Tensor, num_maps: int, *, maps_per_call: int | None, hooked: bool) -> list[range]:
+    """The mask's maps 0 .. num_maps - 1 grouped into UNet calls: `maps_per_call` a call (None: as many as 20 rows of
+    64 x 64 latents hold, so all 10 at SD's 512 x 512, 2 at SDXL's 1024 x 1024), one a call with an attention hook,
+    so that the hook's step is the map."""
+    per_call = 1 if hooked else maps_in_one_call(z, num_maps) if maps_per_call is None else maps_per_call
+    return [range(first, min(first + per_call, num_maps)) for first in range(0, num_maps, per_call)]
+
+
+def noised_maps(model: StableDiffusion, z: Tensor, t: int, generator: torch.Generator | None, maps: int) -> Tensor:
+    """`maps` copies of z noised to level t (DDPM eq. 4), one after another, each with its own noise; the noises are
+    drawn map by map, so grouping maps into one call does not change them."""
+    noise = torch.cat([randn(z.shape, generator, z) for _ in range(maps)])
+    return add_noise(model.schedule, tile(z, maps), noise, t)
 
 
 def at_step(hook: StageAttentionHook | None, step: int) -> AttentionHook | None:

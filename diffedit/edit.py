@@ -30,13 +30,13 @@ from tqdm import tqdm  # plain text bars: the same in terminals and notebooks, n
 from . import compat
 from ._inputs import Callback, OutputType, StageAttentionHook, at_step, background, check_edit
 from ._inputs import check_stage, edit_mask, encode_z0, mask_prompts, noise_difference, output_images, prompt_pair
-from ._inputs import maps_in_one_call, stage_timesteps
+from ._inputs import map_calls, noised_maps, stage_timesteps
 from .ddim import add_noise, ddim_inverse_step, ddim_step
 from .image import ImageInput, MaskInput, mask_to_pil
 from .model import StableDiffusion
 from .noise import randn
 from .regulariser import InversionRegulariser, regularise, regulariser_terms
-from .rows import batch_rows, per_image, tile, to_rows
+from .rows import batch_rows, per_image, to_rows
 from .text import PromptEmbeddings, PromptInput
 from .vae import DiagonalGaussian
 
@@ -101,13 +101,13 @@ def generate_mask(
     its negative prompt, "" by default); M = 1[D > threshold_ratio / 2 * mean(D)] for each image.
     `callback(dict(i, t, difference))` gets each map's own difference (default mode).
 
-    The maps go through the UNet `maps_per_call` at a time (None: as many as 20 rows of 64 x 64 latents hold, so
-    all 10 at SD's 512 x 512, 2 at SDXL's 1024 x 1024); the noises are drawn map by map all the same, so only the
-    last float bits depend on it. With an `attention_hook` each call holds one map: the hook's step is the map.
+    `maps_per_call` maps share a UNet call (None: as many as fit, `_inputs.map_calls`); the noises are drawn map by
+    map all the same, so only the last float bits depend on it. With an `attention_hook`, one map a call.
     """
+    per_call = {} if maps_per_call is None else dict(maps_per_call=(maps_per_call, 1, "int"))
     check_stage(model, steps=steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
                 callback=callback, attention_hook=attention_hook, num_maps=(num_maps, 1, "int"),
-                threshold_ratio=(threshold_ratio, 0.0, ">"), maps_per_call=(maps_per_call or 1, 1, "int"))
+                threshold_ratio=(threshold_ratio, 0.0, ">"), **per_call)
     t = stage_timesteps(model, steps=steps, strength=encode_strength, name="encode_strength")[0]  # 0.5 of 50: 481
     prompts = mask_prompts(model, source=source_prompt, target=target_prompt, source_negative=source_negative_prompt,
                            target_negative=target_negative_prompt, guidance=guidance, clip_skip=clip_skip,
@@ -123,19 +123,16 @@ def generate_mask(
         z0, _ = encode_z0(model, image=image, latents=latents)  # the posterior mean, shared with invert()
         rows = batch_rows(images=len(z0), source_prompt=len(src), target_prompt=len(tgt))
         z, diff = to_rows(z0, rows), torch.zeros(rows, 1, *z0.shape[-2:], device=z0.device)
-        per_call = 1 if attention_hook is not None else maps_per_call or maps_in_one_call(z, num_maps)
         with tqdm(total=num_maps, desc="mask", unit="map", disable=not progress) as bar:
-            for first in range(0, num_maps, per_call):
-                k = min(per_call, num_maps - first)  # maps first .. first + k - 1, side by side in one UNet call
-                noise = torch.cat([randn(z.shape, generator, z) for _ in range(k)])  # a fresh noise per map
-                x = add_noise(model.schedule, tile(z, k), noise, t)  # DDPM eq. 4
-                d = noise_difference(model, x, t, prompts, rows=rows, guidance=guidance, maps=k,
-                                     attention_hook=at_step(attention_hook, first))  # |eps_Q - eps_R|, channel mean
-                for i, d_i in enumerate(d.chunk(k), start=first):
+            for maps in map_calls(z, num_maps, maps_per_call=maps_per_call, hooked=attention_hook is not None):
+                x = noised_maps(model, z, t, generator, len(maps))  # DDPM eq. 4, a fresh noise per map
+                d = noise_difference(model, x, t, prompts, rows=rows, guidance=guidance, maps=len(maps),
+                                     attention_hook=at_step(attention_hook, maps[0]))  # |eps_Q - eps_R|, channel mean
+                for i, d_i in zip(maps, d.chunk(len(maps))):
                     diff += d_i / num_maps  # ... and the mean over maps
                     if callback is not None:
                         callback(dict(i=i, t=t, difference=d_i))
-                bar.update(k)
+                bar.update(len(maps))
     mask = binarize(diff, threshold_ratio, per_image=not diffusers_compat)
     image_size = tuple(s * model.config.vae.downsample_factor for s in mask.shape[-2:])
     return MaskResult(mask, diff, mask_to_pil(mask, image_size), z0, t, threshold_ratio, posterior, src, tgt)

@@ -279,6 +279,7 @@ def _bad_calls(model: Any, images: Any, inversion: Any) -> dict[str, tuple[type[
                     lambda: i(strength=0.1)),
         "guidance": (ValueError, "guidance must be a number >= 1.0, got 0.5", lambda: m(guidance=0.5)),
         "num_maps": (ValueError, "num_maps must be an integer >= 1, got 0", lambda: m(num_maps=0)),
+        "maps_per_call": (ValueError, "maps_per_call must be an integer >= 1, got 0", lambda: m(maps_per_call=0)),
         "threshold": (ValueError, "threshold_ratio must be a number > 0.0, got 0", lambda: m(threshold_ratio=0)),
         "encode_strength": (ValueError, "encode_strength must be a number in [0.0, 1.0], got -0.1",
                             lambda: m(encode_strength=-0.1)),

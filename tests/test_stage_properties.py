@@ -52,7 +52,7 @@ def decided(difference: Tensor, threshold_ratio: float) -> Tensor:
 
 # ---- a tape for the mask's noise --------------------------------------------------------------------------------
 class NoiseTape:
-    """Stands in for edit.py's `randn`: records every draw, or, given `replay`, hands those tensors out in turn
+    """Stands in for the stages' `randn`: records every draw, or, given `replay`, hands those tensors out in turn
     (checking each requested shape), so that a call can be given exactly the noise another call drew."""
 
     def __init__(self) -> None:
@@ -76,7 +76,8 @@ class NoiseTape:
 @pytest.fixture
 def tape(monkeypatch: pytest.MonkeyPatch) -> NoiseTape:
     recorder = NoiseTape()
-    monkeypatch.setattr(importlib.import_module("diffedit.edit"), "randn", recorder)
+    for module in ("diffedit.edit", "diffedit._inputs"):  # the stages' draws: the mask's maps are drawn in _inputs
+        monkeypatch.setattr(importlib.import_module(module), "randn", recorder)
     return recorder
 
 
