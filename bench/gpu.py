@@ -25,7 +25,10 @@ In one process, on one set of random weights (diffusers' UNet and VAE adopt our 
    (torch.utils.flop_counter), the median forward timed, at the edit's CFG batch (2 rows) and at --batch's
    (2 x batch); TFLOP/s and the fraction of the device's dense bf16 / fp16 peak (PEAK_TFLOPS by device name;
    otherwise the measured matmul rate, 8192^3 on CUDA, in --dtype).
-4. --sdxl: bench/sdxl.py's measurements (one SDXL UNet forward at batch 2 and 1 and a VAE decode at 1024 x 1024).
+   On CUDA also with the UNet in the contiguous (NCHW) layout, eager: whether channels_last pays.
+4. --sdxl: bench/sdxl.py's measurements (one SDXL UNet forward at batch 2 and 1 and a VAE decode at 1024 x 1024),
+   then our whole default chain (edit_image, eager) on a random SDXL base at --sdxl-size, batch 1, per stage.
+A phase that raises (--sdxl, --compile) is recorded under `errors` with its message, and the others still run.
 
 Everything is a frozen dataclass below; the JSON file is dataclasses.asdict(Results).
 """
@@ -55,7 +58,9 @@ from diffedit import edit_image
 from diffedit.model import StableDiffusion
 from diffedit.text import PromptEmbeddings
 
-from .models import Subject, build, diffusers_pipeline, shares_weights
+from diffedit.configs import SDXL
+
+from .models import Subject, _image, build, diffusers_pipeline, random_model_on, shares_weights
 from .run import Env, RunOutput, Settings, _env, diffusers_edit, matmul_throughput, relative_error, run_diffusers
 from .run import run_ours
 from .sdxl import DTYPES, Measurement
@@ -125,6 +130,7 @@ class UnetRate:
     side: str  # "ours" (StableDiffusion.unet_output) or "diffusers" (pipe.unet)
     rows: int
     compiled: bool
+    channels_last: bool  # the UNet's weights in NHWC (the bench's layout on CUDA)
     gflop: float  # one forward, counted by FlopCounterMode
     median_s: float
     tflops: float
@@ -151,7 +157,9 @@ class Results:
     peak: Peak
     unet: tuple[UnetRate, ...]
     sdxl: tuple[Measurement, ...] | None
+    sdxl_chain: tuple[SideTiming, ...]  # our default chain on a random SDXL base, eager, batch 1
     targets: tuple[Target, ...]
+    errors: dict[str, str]  # phase -> what it raised (the other phases ran)
     load_after: tuple[float, float, float]  # os.getloadavg(): CPU figures under load are not worth much
 
 
@@ -347,6 +355,8 @@ def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: P
         call = lambda: model.unet_output(x, 501, cond)  # noqa: E731
     else:
         call = lambda: pipe.unet(x, t, encoder_hidden_states=tokens, return_dict=False)[0]  # noqa: E731
+    kernel = next(p for p in (model.unet if pipe is None else pipe.unet).parameters() if p.ndim == 4)
+    channels_last = dev.type == "cuda" and kernel.is_contiguous(memory_format=torch.channels_last)
     stages = Stages(dev)
     with torch.no_grad():
         if gflop is None:
@@ -365,7 +375,19 @@ def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: P
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     tflops = gflop / sec / 1e3
-    return UnetRate("ours" if pipe is None else "diffusers", rows, compiled, gflop, sec, tflops, tflops / peak.tflops)
+    return UnetRate("ours" if pipe is None else "diffusers", rows, compiled, channels_last, gflop, sec, tflops,
+                    tflops / peak.tflops)
+
+
+def contiguous_unet_rates(model: StableDiffusion, latent: int, rows: tuple[int, ...], reps: int, peak: Peak,
+                          counted: list[UnetRate]) -> list[UnetRate]:
+    """Our eager UNet in the contiguous (NCHW) layout at `rows`, then back to channels_last: what the layout buys."""
+    model.unet.to(memory_format=torch.contiguous_format)
+    try:
+        return [unet_rate(model, latent, n, reps, peak, False,
+                          next(u.gflop for u in counted if u.rows == n and u.side == "ours")) for n in rows]
+    finally:
+        model.unet.to(memory_format=torch.channels_last)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -405,6 +427,33 @@ def sdxl_measurements(args: argparse.Namespace) -> tuple[Measurement, ...]:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the SDXL networks are gone: give their blocks back before the compiled runs
     return tuple(Measurement(**{**m, "seconds_all": tuple(m["seconds_all"])}) for m in data["measurements"])
+
+
+def sdxl_chain(args: argparse.Namespace, s: GpuSettings) -> list[SideTiming]:
+    """Our default chain (edit_image, the paper's defaults, eager) on a random SDXL base at --sdxl-size, batch 1:
+    the UNet in --dtype, the VAE fp32 (force_upcast), both text encoders; per stage, as the SD sides."""
+    device = torch.device(args.device)
+    model = random_model_on(SDXL, args.device, DTYPES[args.dtype], seed=0)
+    sub = Subject("sdxl", model, _image("sdxl", args.sdxl_size, 0), "a bowl of fruits", "a bowl of pears")
+    try:
+        return time_sides([ours_side(sub, s, 1, "ours-sdxl")], max(args.reps - 1, 1), device)
+    finally:
+        del model, sub
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def phase(name: str, errors: dict[str, str]) -> Iterator[None]:
+    """A phase whose failure is recorded and logged, not fatal: a lent GPU's minutes are not spent twice."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - recorded, shown, and the exit status says so
+        import traceback
+
+        traceback.print_exc()
+        errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        _log(f"{name} failed: {errors[name]}")
 
 
 def targets(timings: list[SideTiming], unet: list[UnetRate], device: torch.device) -> tuple[Target, ...]:
@@ -449,6 +498,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sdxl", action="store_true", help="also bench/sdxl.py's SDXL UNet and VAE at --sdxl-size")
     p.add_argument("--sdxl-size", type=int, default=1024)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--show", type=Path, default=None, metavar="JSON",
+                   help="print the table of a results file and run nothing")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
@@ -456,6 +507,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.show is not None:
+        print(summary(json.loads(args.show.read_text(encoding="utf-8"))))
+        return 0
     device = torch.device(args.device)
     # diffusers' documented defaults (its signatures): the paper's, except the inversion's guidance (7.5, with "": 80
     # UNet rows where the paper's unconditional encoding has 40); the compat chain does the same work
@@ -474,30 +528,43 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"peak: {peak}")
         unet = [unet_rate(side.model, latent, rows, args.unet_reps, peak, False, pipe=p)
                 for rows in (2, 2 * args.batch) for side, p in ((ours, None), (ref, pipe))]
-        _log(f"UNet: {[(u.side, u.rows, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]}")
-        timings = time_sides([ours_side(ours, s, 1), compat_side(ours, s), diffusers_side(ref, pipe, s, 1)],
-                             args.reps, device)
-        timings += time_sides([ours_side(ours, s, args.batch), diffusers_side(ref, pipe, s, args.batch)],
-                              max(args.reps - 1, 1), device)
+        if device.type == "cuda":
+            unet += contiguous_unet_rates(ours.model, latent, (2, 2 * args.batch), args.unet_reps, peak, unet)
+        rates = [(u.side, u.rows, u.channels_last, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]
+        _log(f"UNet (side, rows, channels_last, TFLOP/s, fraction of peak): {rates}")
+        timings: list[SideTiming] = []
         shared = shares_weights(ours.model, pipe)
         warmup: dict[str, float] = {}
         sdxl: tuple[Measurement, ...] | None = None
+        sdxl_timings: list[SideTiming] = []
+        errors: dict[str, str] = {}
 
         def snapshot() -> Results:
             """The results so far, written at once: should a lent machine's time run out (compilation is the long
             part), what was measured is kept."""
             results = Results(_env(args.device), s, shared, check, drift, dict(warmup), tuple(timings), peak,
-                              tuple(unet), sdxl, targets(timings, unet, device), os.getloadavg())
+                              tuple(unet), sdxl, tuple(sdxl_timings), targets(timings, unet, device), dict(errors),
+                              os.getloadavg())
             write(args.out, results)
             return results
 
         snapshot()
-        if args.sdxl:  # before compiling: eager, and a matter of seconds on a GPU
-            sdxl = sdxl_measurements(args)
-            snapshot()
+        timings += time_sides([ours_side(ours, s, 1), compat_side(ours, s), diffusers_side(ref, pipe, s, 1)],
+                              args.reps, device)
+        snapshot()
+        timings += time_sides([ours_side(ours, s, args.batch), diffusers_side(ref, pipe, s, args.batch)],
+                              max(args.reps - 1, 1), device)
+        snapshot()
         if args.compile:
-            ours.model.compile_unet(args.compile_mode, backend=args.compile_backend)
-            for batch in (1, args.batch):  # each batch shape compiled once (batch 1: 3 shapes; --batch: 2 more)
+            with phase("compile", errors):
+                ours.model.compile_unet(args.compile_mode, backend=args.compile_backend)
+
+        def compiled(batch: int) -> None:
+            """The compiled chain at `batch`: its warm-up (each batch shape compiled once: batch 1 has 3, the mask's
+            2n rows, the inversion's 1, the edit's 2; --batch 2 more), its UNet rate, then timed against diffusers."""
+            if not args.compile or "compile" in errors:
+                return
+            with phase(f"compiled batch {batch}", errors):
                 t1 = time.perf_counter()
                 ours_side(ours, s, batch).run(Stages(device))
                 warmup[f"batch {batch}"] = time.perf_counter() - t1
@@ -506,13 +573,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows = 2 * batch
                 unet.append(unet_rate(ours.model, latent, rows, args.unet_reps, peak, True,
                                       next(u.gflop for u in unet if u.rows == rows and u.side == "ours")))
-                sides = [ours_side(ours, s, batch, "ours-compiled")] + ([diffusers_side(ref, pipe, s, 1)]
-                                                                        if batch == 1 else [])
-                timings += time_sides(sides, args.reps if batch == 1 else max(args.reps - 1, 1), device)
-                snapshot()
+                sides = [ours_side(ours, s, batch, "ours-compiled")]
+                sides += [diffusers_side(ref, pipe, s, 1)] if batch == 1 else []
+                timings.extend(time_sides(sides, args.reps if batch == 1 else max(args.reps - 1, 1), device))
+            snapshot()
+
+        # Most telling first, should the machine's time run out: the compiled chain at batch 1 (issue 15's seconds
+        # per edit), then SDXL (eager, about a minute), then the compiled chain at --batch.
+        compiled(1)
+        if args.sdxl:
+            with phase("sdxl", errors):
+                sdxl = sdxl_measurements(args)
+            snapshot()
+            with phase("sdxl chain", errors):
+                sdxl_timings += sdxl_chain(args, s)
+            snapshot()
+        compiled(args.batch)
     results = snapshot()
-    print(summary(results))
-    return 0 if check.passed else 1
+    print(summary(asdict(results)))
+    return 0 if check.passed and not results.errors else 1
 
 
 def write(out: Path | None, results: Results) -> None:
@@ -521,22 +600,33 @@ def write(out: Path | None, results: Results) -> None:
         _log(f"wrote {out}")
 
 
-def summary(r: Results) -> str:
-    lines = [f"{r.env.device}, ours {r.settings.dtype}, diffusers {r.settings.diffusers_dtype}, "
-             f"{r.settings.model} at {r.settings.size} x {r.settings.size}; fidelity "
-             f"{'passed' if r.fidelity.passed else 'FAILED'}"
-             + ("" if r.fidelity_dtype is None else f"; in {r.settings.dtype}: inversion "
-                f"{r.fidelity_dtype.inversion_rel_err:.2e}, edit {r.fidelity_dtype.edit_rel_err_same_inputs:.2e}, "
-                f"mask pixels differing {r.fidelity_dtype.mask_pixels_differing} "
-                f"({'within' if r.fidelity_dtype.passed else 'OUTSIDE'} the stated tolerance)"),
+def summary(r: dict[str, Any]) -> str:
+    """The table, from the JSON form of Results (so `--show FILE` prints a committed file as a fresh run would)."""
+    st, fid, drift = r["settings"], r["fidelity"], r["fidelity_dtype"]
+    lines = [f"{r['env']['device']}, torch {r['env']['torch']}, ours {st['dtype']}, diffusers {st['diffusers_dtype']}, "
+             f"{st['model']} at {st['size']} x {st['size']}, {st['steps']} steps, {st['num_maps']} maps; fidelity "
+             f"{'passed' if fid['passed'] else 'FAILED'} (inversion {fid['inversion_rel_err']:.2e}, edit "
+             f"{fid['edit_rel_err_same_inputs']:.2e}, mask pixels differing {fid['mask_pixels_differing']})"
+             + ("" if drift is None else f"; in {st['dtype']}: inversion {drift['inversion_rel_err']:.2e}, edit "
+                f"{drift['edit_rel_err_same_inputs']:.2e}, mask pixels differing {drift['mask_pixels_differing']} "
+                f"({'within' if drift['passed'] else 'OUTSIDE'} the stated tolerance)"),
              "| side | batch | mask s | invert s | edit s | s / edit | edits / s | peak GiB |", "|" + " --- |" * 8]
-    for t in r.timings:
-        lines.append(f"| {t.side} | {t.batch} | " + " | ".join(f"{t.median_s[st]:.3f}" for st in STAGES)
-                     + f" | {t.seconds_per_edit:.3f} | {t.edits_per_s:.2f} | {t.peak_memory_bytes / 2**30:.2f} |")
-    for u in r.unet:
-        lines.append(f"UNet {u.side} {u.rows} rows{' compiled' if u.compiled else ''}: {u.tflops:.3g} TFLOP/s = "
-                     f"{100 * u.fraction_of_peak:.1f}% of {r.peak.tflops:.3g} ({r.peak.source})")
-    lines += [f"target {t.name}: goal {t.goal}, value {t.value}, met {t.met}" for t in r.targets]
+    for t in [*r["timings"], *r.get("sdxl_chain", ())]:
+        lines.append(f"| {t['side']} | {t['batch']} | " + " | ".join(f"{t['median_s'][x]:.3f}" for x in STAGES)
+                     + f" | {t['seconds_per_edit']:.3f} | {t['edits_per_s']:.2f} | "
+                     f"{t['peak_memory_bytes'] / 2**30:.2f} |")
+    for k, v in r["compile_warmup_s"].items():
+        lines.append(f"compile warm-up, {k}: {v:.1f} s")
+    peak = r["peak"]
+    lines.append(f"matmul {peak['matmul_n']}^3 in {st['dtype']}: {peak['matmul_tflops']:.3g} TFLOP/s")
+    for u in r["unet"]:
+        lines.append(f"UNet {u['side']} {u['rows']} rows{' compiled' if u['compiled'] else ''}"
+                     f"{'' if u.get('channels_last', True) else ' NCHW'}: {u['tflops']:.3g} TFLOP/s = "
+                     f"{100 * u['fraction_of_peak']:.1f}% of {peak['tflops']:.3g} ({peak['source']})")
+    for m in r["sdxl"] or ():
+        lines.append(f"SDXL {m['what']}: {m['seconds_median']:.3f} s, peak {m['peak_bytes'] / 2**30:.2f} GiB")
+    lines += [f"target {t['name']}: goal {t['goal']}, value {t['value']}, met {t['met']}" for t in r["targets"]]
+    lines += [f"ERROR in {k}: {v}" for k, v in r.get("errors", {}).items()]
     return "\n".join(lines)
 
 

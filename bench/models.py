@@ -27,6 +27,8 @@ from diffedit.text import build_text_model, load_tokenizer, write_tokenizer
 from tests._reference import diffusers_pipeline as _reference_pipeline
 from tests._reference import randomize_
 
+from .sdxl import fill_on
+
 WORDS = ["a", "and", "photo", "of", "bowl", "fruits", "pears", "red", "blue", "circle", "square"]
 MODELS = ("tiny", "sd15", "toy")
 
@@ -118,6 +120,25 @@ def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion
              and getattr(model.schedule, f.name).is_meta]
     assert not left, f"tensors left on the meta device: {left[:5]}"
     return model.eval()
+
+
+def random_model_on(config: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0) -> StableDiffusion:
+    """`config` (SD or SDXL) with seeded random weights, filled where it runs: the UNet and VAE are built without
+    storage and filled on `device` (an SDXL UNet is 10 GB in fp32: never made on the host first), the text encoders
+    are built for real (constant position-id buffers) and randomised on the CPU. Tokenizers pad as the config says
+    (SDXL's second with "!"). The VAE stays fp32 where its config says `force_upcast`."""
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        write_tokenizer(f"{tmp}/1", WORDS, pad_token=config.text.pad_token)
+        tokenizers = [load_tokenizer(f"{tmp}/1", config.text)]
+        if config.text_2 is not None:
+            write_tokenizer(f"{tmp}/2", WORDS, pad_token=config.text_2.pad_token)
+            tokenizers.append(load_tokenizer(f"{tmp}/2", config.text_2))
+    model = StableDiffusion(config, tokenizers[0], empty=True, tokenizer_2=tokenizers[1] if config.text_2 else None)
+    model.unet = fill_on(model.unet, device, dtype, seed)
+    model.vae = fill_on(model.vae, device, torch.float32 if config.vae.force_upcast else dtype, seed + 1)
+    for i, encoder in enumerate(e for e in (model.text_encoder, model.text_encoder_2) if e is not None):
+        randomize_(encoder, seed + 2 + i)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 # ---- diffusers on the same tensors --------------------------------------------------------------------------

@@ -49,8 +49,9 @@ class Results:
     measurements: tuple[Measurement, ...]
 
 
-def _filled(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Seeded N(0, 1/fan_in) weights (norm scales near one), built without a default initialisation."""
+def fill_on(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A module built on the meta device, allocated on `device` in `dtype` and filled there with seeded noise:
+    N(0, 1/fan_in) weights, norm scales one, small biases (activations of order one, no default initialisation)."""
     module = module.to_empty(device=device).to(dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype, h = DTYPES[args.dtype], args.size // 8
     with torch.device("meta"):
         unet, vae = UNet(SDXL.unet), AutoencoderKL(SDXL.vae)
-    unet = _filled(unet, args.device, dtype, seed=0)
+    unet = fill_on(unet, args.device, dtype, seed=0)
     vae_dtype = torch.float32 if SDXL.vae.force_upcast else dtype  # SDXL's VAE runs in fp32 (it overflows in fp16)
-    vae = _filled(vae, args.device, vae_dtype, seed=1)
+    vae = fill_on(vae, args.device, vae_dtype, seed=1)
     g = torch.Generator(device=args.device).manual_seed(2)
     rand = lambda *shape, dt=dtype: torch.randn(*shape, generator=g, device=args.device).to(dt)  # noqa: E731
     measurements = []
