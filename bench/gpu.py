@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffedit.chain
 from diffedit import edit_image
-from diffedit.model import StableDiffusion
+from diffedit.model import StableDiffusion, use_fast_layout
 from diffedit.text import PromptEmbeddings
 
 from diffedit.configs import SDXL
@@ -398,11 +398,7 @@ def subjects(args: argparse.Namespace) -> tuple[Subject, Subject, Any]:
     base = build(args.model, "cpu", torch.float32, size=args.size)  # seeded random weights, built once
 
     def place(model: StableDiffusion, dtype: torch.dtype) -> StableDiffusion:
-        model = model.to(device=device, dtype=dtype).eval()
-        if device.type == "cuda":  # NHWC convolutions: cuDNN's fast layout for half precision
-            model.unet.to(memory_format=torch.channels_last)
-            model.vae.to(memory_format=torch.channels_last)
-        return model
+        return use_fast_layout(model.to(device=device, dtype=dtype).eval())  # load()'s: NHWC on CUDA in half
 
     ours_dtype, ref_dtype = DTYPES[args.dtype], DTYPES[diffusers_dtype(args)]
     ref_model = copy.deepcopy(base.model) if ours_dtype != ref_dtype else base.model

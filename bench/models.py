@@ -22,7 +22,7 @@ from torch import Tensor
 
 from diffedit.configs import SD15, TINY, ModelConfig
 from diffedit.ddim import NoiseSchedule
-from diffedit.model import StableDiffusion
+from diffedit.model import StableDiffusion, use_fast_layout
 from diffedit.text import build_text_model, load_tokenizer, write_tokenizer
 from tests._reference import diffusers_pipeline as _reference_pipeline
 from tests._reference import randomize_
@@ -65,10 +65,7 @@ def build(
         source, target, note = _toy_prompts()
     else:
         raise ValueError(f"unknown model {name!r}: choose from {MODELS}")
-    model = model.to(device=device, dtype=dtype).eval()
-    if torch.device(device).type == "cuda":  # NHWC convolutions are the fast layout for cuDNN (fp16 tensor cores)
-        model.unet.to(memory_format=torch.channels_last)
-        model.vae.to(memory_format=torch.channels_last)
+    model = use_fast_layout(model.to(device=device, dtype=dtype).eval())  # load()'s layout: NHWC on CUDA in half
     image = _image(name, size, seed)
     return Subject(name, model, image, source, target, note)
 
@@ -138,7 +135,7 @@ def random_model_on(config: ModelConfig, device: str, dtype: torch.dtype, seed: 
     model.vae = fill_on(model.vae, device, torch.float32 if config.vae.force_upcast else dtype, seed + 1)
     for i, encoder in enumerate(e for e in (model.text_encoder, model.text_encoder_2) if e is not None):
         randomize_(encoder, seed + 2 + i)
-    return model.to(device=device, dtype=dtype).eval()
+    return use_fast_layout(model.to(device=device, dtype=dtype).eval())
 
 
 # ---- diffusers on the same tensors --------------------------------------------------------------------------

@@ -85,3 +85,32 @@ def test_low_precision_agrees_with_fp32(folder: Path, fp32: StableDiffusion, dty
         if "not implemented for" not in str(e):
             raise
         pytest.skip(f"{dtype} unsupported on CPU by this torch build: {' '.join(str(e).split())[:120]}")
+
+
+def _conv_layouts(model: StableDiffusion) -> set[str]:
+    kernels = [p for p in [*model.unet.parameters(), *model.vae.parameters()] if p.ndim == 4 and p.shape[-1] > 1]
+    return {"channels_last" if k.is_contiguous(memory_format=torch.channels_last) and not k.is_contiguous()
+            else "contiguous" if k.is_contiguous() else "other" for k in kernels}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_models_keep_the_contiguous_layout(folder: Path, dtype: torch.dtype) -> None:
+    """channels_last is for CUDA in half precision only (use_fast_layout): on CPU the weights stay NCHW, the layout
+    every CPU number of the test suite was measured in."""
+    assert _conv_layouts(load(folder, dtype=dtype)) == {"contiguous"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="channels_last is applied on CUDA only; no CUDA device here")
+@torch.no_grad()
+def test_cuda_half_models_are_channels_last_and_agree(folder: Path) -> None:
+    """On CUDA, bf16: UNet and VAE kernels in NHWC, and the UNet agrees with the same weights in NCHW (the layout
+    changes which cuDNN kernel runs, hence the rounding, not the function): within 10 bf16 eps; fp32 stays NCHW."""
+    model = load(folder, device="cuda", dtype=torch.bfloat16)
+    assert _conv_layouts(model) == {"channels_last"}
+    assert _conv_layouts(load(folder, device="cuda")) == {"contiguous"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g).to("cuda", torch.bfloat16)
+    tokens = model.encode_prompt(PROMPTS).tokens
+    nhwc = model.unet(x, 500, tokens).float()
+    nchw = model.unet.to(memory_format=torch.contiguous_format)(x, 500, tokens).float()
+    assert relative_error(nhwc, nchw) <= TOL_EPS * torch.finfo(torch.bfloat16).eps
