@@ -25,7 +25,7 @@ In one process, on one set of random weights (diffusers' UNet and VAE adopt our 
    (torch.utils.flop_counter), the median forward timed, at the edit's CFG batch (2 rows) and at --batch's
    (2 x batch); TFLOP/s and the fraction of the device's dense bf16 / fp16 peak (PEAK_TFLOPS by device name;
    otherwise the measured matmul rate, 8192^3 on CUDA, in --dtype).
-   On CUDA also with the UNet in the contiguous (NCHW) layout, eager: whether channels_last pays.
+   Where ours is channels_last (load()'s layout on CUDA in half precision), also in NCHW, eager: what it buys.
 4. --sdxl: bench/sdxl.py's measurements (one SDXL UNet forward at batch 2 and 1 and a VAE decode at 1024 x 1024),
    then our whole default chain (edit_image, eager) on a random SDXL base at --sdxl-size, batch 1, per stage.
 A phase that raises (--sdxl, --compile) is recorded under `errors` with its message, and the others still run.
@@ -55,10 +55,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffedit.chain
 from diffedit import edit_image
+from diffedit.configs import SDXL
 from diffedit.model import StableDiffusion, use_fast_layout
 from diffedit.text import PromptEmbeddings
-
-from diffedit.configs import SDXL
 
 from .models import Subject, _image, build, diffusers_pipeline, random_model_on, shares_weights
 from .run import Env, RunOutput, Settings, _env, diffusers_edit, matmul_throughput, relative_error, run_diffusers
@@ -130,7 +129,7 @@ class UnetRate:
     side: str  # "ours" (StableDiffusion.unet_output) or "diffusers" (pipe.unet)
     rows: int
     compiled: bool
-    channels_last: bool  # the UNet's weights in NHWC (the bench's layout on CUDA)
+    channels_last: bool  # the UNet's weights in NHWC (load()'s layout on CUDA in half precision)
     gflop: float  # one forward, counted by FlopCounterMode
     median_s: float
     tflops: float
@@ -356,7 +355,7 @@ def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: P
     else:
         call = lambda: pipe.unet(x, t, encoder_hidden_states=tokens, return_dict=False)[0]  # noqa: E731
     kernel = next(p for p in (model.unet if pipe is None else pipe.unet).parameters() if p.ndim == 4)
-    channels_last = dev.type == "cuda" and kernel.is_contiguous(memory_format=torch.channels_last)
+    channels_last = kernel.is_contiguous(memory_format=torch.channels_last)
     stages = Stages(dev)
     with torch.no_grad():
         if gflop is None:
@@ -381,13 +380,14 @@ def unet_rate(model: StableDiffusion, latent: int, rows: int, reps: int, peak: P
 
 def contiguous_unet_rates(model: StableDiffusion, latent: int, rows: tuple[int, ...], reps: int, peak: Peak,
                           counted: list[UnetRate]) -> list[UnetRate]:
-    """Our eager UNet in the contiguous (NCHW) layout at `rows`, then back to channels_last: what the layout buys."""
+    """Our eager UNet in the contiguous (NCHW) layout at `rows`, then back in load()'s layout: what channels_last
+    buys."""
     model.unet.to(memory_format=torch.contiguous_format)
     try:
         return [unet_rate(model, latent, n, reps, peak, False,
                           next(u.gflop for u in counted if u.rows == n and u.side == "ours")) for n in rows]
     finally:
-        model.unet.to(memory_format=torch.channels_last)
+        use_fast_layout(model)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"peak: {peak}")
         unet = [unet_rate(side.model, latent, rows, args.unet_reps, peak, False, pipe=p)
                 for rows in (2, 2 * args.batch) for side, p in ((ours, None), (ref, pipe))]
-        if device.type == "cuda":
+        if any(u.channels_last for u in unet if u.side == "ours"):  # load()'s layout on CUDA in half precision
             unet += contiguous_unet_rates(ours.model, latent, (2, 2 * args.batch), args.unet_reps, peak, unet)
         rates = [(u.side, u.rows, u.channels_last, round(u.tflops, 3), round(u.fraction_of_peak, 3)) for u in unet]
         _log(f"UNet (side, rows, channels_last, TFLOP/s, fraction of peak): {rates}")

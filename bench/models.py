@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import CLIPTokenizer
 
 from diffedit.configs import SD15, TINY, ModelConfig
 from diffedit.ddim import NoiseSchedule
@@ -95,10 +96,18 @@ def _image(name: str, size: int, seed: int) -> Tensor:
 
 
 # ---- random models ------------------------------------------------------------------------------------------
-def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion:
+def _tokenizers(config: ModelConfig) -> tuple[CLIPTokenizer, CLIPTokenizer | None]:
+    """Small BPE tokenizers of WORDS, padding as the config's encoders do (SDXL's second with "!")."""
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
-        write_tokenizer(tmp, WORDS)
-        tokenizer = load_tokenizer(tmp, config.text)
+        write_tokenizer(f"{tmp}/1", WORDS, pad_token=config.text.pad_token)
+        if config.text_2 is None:
+            return load_tokenizer(f"{tmp}/1", config.text), None
+        write_tokenizer(f"{tmp}/2", WORDS, pad_token=config.text_2.pad_token)
+        return load_tokenizer(f"{tmp}/1", config.text), load_tokenizer(f"{tmp}/2", config.text_2)
+
+
+def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion:
+    tokenizer, _ = _tokenizers(config)
     if not meta:
         model = StableDiffusion(config, tokenizer)
     else:
@@ -122,15 +131,10 @@ def _random_model(config: ModelConfig, seed: int, meta: bool) -> StableDiffusion
 def random_model_on(config: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0) -> StableDiffusion:
     """`config` (SD or SDXL) with seeded random weights, filled where it runs: the UNet and VAE are built without
     storage and filled on `device` (an SDXL UNet is 10 GB in fp32: never made on the host first), the text encoders
-    are built for real (constant position-id buffers) and randomised on the CPU. Tokenizers pad as the config says
-    (SDXL's second with "!"). The VAE stays fp32 where its config says `force_upcast`."""
-    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
-        write_tokenizer(f"{tmp}/1", WORDS, pad_token=config.text.pad_token)
-        tokenizers = [load_tokenizer(f"{tmp}/1", config.text)]
-        if config.text_2 is not None:
-            write_tokenizer(f"{tmp}/2", WORDS, pad_token=config.text_2.pad_token)
-            tokenizers.append(load_tokenizer(f"{tmp}/2", config.text_2))
-    model = StableDiffusion(config, tokenizers[0], empty=True, tokenizer_2=tokenizers[1] if config.text_2 else None)
+    are built for real (constant position-id buffers) and randomised on the CPU. The VAE stays fp32 where its config
+    says `force_upcast`."""
+    tokenizer, tokenizer_2 = _tokenizers(config)
+    model = StableDiffusion(config, tokenizer, empty=True, tokenizer_2=tokenizer_2)
     model.unet = fill_on(model.unet, device, dtype, seed)
     model.vae = fill_on(model.vae, device, torch.float32 if config.vae.force_upcast else dtype, seed + 1)
     for i, encoder in enumerate(e for e in (model.text_encoder, model.text_encoder_2) if e is not None):

@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     latent = args.size // model.config.vae.downsample_factor
     peak = device_peak(device, DTYPES[args.dtype])
     rates: list[dict[str, object]] = []
+    env = asdict(_env(args.device))
 
     def record(rate: UnetRate, cudnn_benchmark: bool) -> UnetRate:
         rates.append(dict(asdict(rate), cudnn_benchmark=cudnn_benchmark))
         _log(f"{rate.rows} rows, compiled {rate.compiled}, cudnn.benchmark {cudnn_benchmark}: {rate.tflops:.1f} "
              f"TFLOP/s, {rate.median_s * 1e3:.2f} ms, {100 * rate.fraction_of_peak:.1f}% of {peak.tflops:.0f}")
         if args.out is not None:
-            out = dict(env=asdict(_env(args.device)), peak=asdict(peak), model=args.model, size=args.size,
+            out = dict(env=env, peak=asdict(peak), model=args.model, size=args.size,
                        dtype=args.dtype, rates=rates)
             args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         return rate
