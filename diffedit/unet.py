@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffedit.configs import UNetConfig
+from diffedit.conv import Conv2d
 
 AttentionHook = Callable[[Tensor, bool, str], "Tensor | None"]
 SIZES = 6  # SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w)
@@ -88,11 +89,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, time_dim: int | None, groups: int, eps: float) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_ch) if time_dim is not None else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         # Without autograd, SiLU overwrites the GroupNorm output it reads and the shortcut is added into h: two
@@ -193,7 +194,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             self.proj_in = nn.Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_in = Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(
             TransformerBlock(channels, heads, config.cross_attention_dim, config.upcast_attention)
             for _ in range(depth)
@@ -201,7 +202,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             self.proj_out = nn.Linear(channels, channels)
         else:
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+            self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, hook: AttentionHook | None) -> Tensor:
         size = x.shape[-2:]
@@ -219,7 +220,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, asymmetric_padding: bool = False) -> None:
         super().__init__()
         self.asymmetric_padding = asymmetric_padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric_padding else x)
@@ -230,7 +231,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
         """`size`: the skip connection's (h, w) where it is not twice x's (an odd size was halved, rounding up)."""
@@ -326,7 +327,7 @@ class UNet(nn.Module):
         self.time_embed = EmbeddingMLP(ch[0], config.time_embed_dim)
         if config.added_conditioning:
             self.add_embed = EmbeddingMLP(config.pooled_text_dim + SIZES * config.size_embed_dim, config.time_embed_dim)
-        self.in_conv = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.in_conv = Conv2d(config.in_channels, ch[0], 3, padding=1)
 
         # Track the width of every skip tensor the down path emits; the up path consumes them in reverse.
         skip_chs = [ch[0]]
@@ -346,7 +347,7 @@ class UNet(nn.Module):
             in_ch = ch[level]
 
         self.out_norm = nn.GroupNorm(config.norm_groups, ch[0], eps=config.norm_eps)
-        self.out_conv = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.out_conv = Conv2d(ch[0], config.out_channels, 3, padding=1)
 
         # Each attention module learns its own path once, so hooks get stable, readable places.
         for name, module in self.named_modules():

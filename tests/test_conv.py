@@ -1,0 +1,113 @@
+"""diffedit.conv: the CPU convolution taken as a matmul of unfolded patches on small maps, against F.conv2d.
+
+Tolerance: max |ours - F.conv2d| / max |F.conv2d| <= 1e-5 (fp32; the same products summed in another order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import diffedit.conv as conv
+from diffedit.conv import LARGE_WEIGHT_BYTES, SMALL_MAP_POSITIONS, Conv2d, conv2d_as_matmul
+from tests._reference import relative_error
+
+TOL = 1e-5
+
+
+# (kernel, stride, padding) x input size: the UNet's 3x3 convs, its stride-2 downsampling (padded both sides, and the
+# VAE's right-and-bottom padding done before the conv), 1x1 shortcuts; odd sizes and a 1x1 map (SD's 4x4 level at
+# a 32 px image) where the padding is all a 3x3 kernel sees.
+CASES = [(geometry, size) for geometry in [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0), (3, 1, 0)]
+         for size in [(4, 4), (7, 5), (1, 1)] if size[0] + 2 * geometry[2] >= geometry[0]]
+
+
+@pytest.mark.parametrize("geometry,size", CASES, ids=[f"k{k}s{s}p{p}-{h}x{w}" for (k, s, p), (h, w) in CASES])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_matmul_conv_matches_f_conv2d(geometry: tuple[int, int, int], size: tuple[int, int], bias: bool) -> None:
+    kernel, stride, padding = geometry
+    torch.manual_seed(0)
+    x = torch.randn(3, 24, *size)
+    weight, b = torch.randn(16, 24, kernel, kernel), torch.randn(16) if bias else None
+    expected = F.conv2d(x, weight, b, stride=stride, padding=padding)
+    got = conv2d_as_matmul(x, weight, b, stride, padding)
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) <= TOL
+    assert got.is_contiguous()
+
+
+class _Spy:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return conv2d_as_matmul(*args, **kwargs)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> _Spy:
+    spy = _Spy()
+    monkeypatch.setattr(conv, "conv2d_as_matmul", spy)
+    return spy
+
+
+@pytest.mark.parametrize("channels,matmul", [(1280, True), (640, False)], ids=["56MiB", "14MiB"])
+def test_only_weights_past_the_mmap_threshold_take_the_matmul(spy: _Spy, channels: int, matmul: bool) -> None:
+    """SD's coarsest levels (1280 channels, 3x3: 56 MiB) on 2 rows of 4x4 take it; 640 channels (14 MiB) do not."""
+    torch.manual_seed(0)
+    layer = Conv2d(channels, channels, 3, padding=1)
+    assert (layer.weight.numel() * 4 > LARGE_WEIGHT_BYTES) == matmul
+    x = torch.randn(2, channels, 4, 4)
+    with torch.no_grad():
+        got, expected = layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1)
+    assert spy.calls == int(matmul)
+    assert relative_error(got, expected) <= TOL
+    assert matmul or torch.equal(got, expected)
+
+
+@pytest.fixture
+def small_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any weight counts as large: the other conditions tested on small layers."""
+    monkeypatch.setattr(conv, "LARGE_WEIGHT_BYTES", 0)
+
+
+@pytest.mark.usefixtures("small_is_large")
+def test_small_cpu_maps_take_the_matmul(spy: _Spy) -> None:
+    torch.manual_seed(0)
+    layer = Conv2d(8, 8, 3, padding=1)
+    side = int(SMALL_MAP_POSITIONS**0.5)  # 2 rows of side x side / 2 positions: within the limit
+    x = torch.randn(2, 8, side, side // 2)
+    with torch.no_grad():
+        got = layer(x)
+    assert spy.calls == 1
+    assert relative_error(got, F.conv2d(x, layer.weight, layer.bias, padding=1)) <= TOL
+
+
+@pytest.mark.usefixtures("small_is_large")
+@pytest.mark.parametrize("case", ["large-map", "bf16", "groups", "dilation", "stride-2-large"])
+def test_other_convolutions_are_f_conv2d_bit_for_bit(spy: _Spy, case: str) -> None:
+    torch.manual_seed(0)
+    side = int(SMALL_MAP_POSITIONS**0.5) + 1
+    kwargs: dict = {"groups": 2} if case == "groups" else {"dilation": 2} if case == "dilation" else {}
+    layer = Conv2d(8, 8, 3, padding=1, stride=2 if case == "stride-2-large" else 1, **kwargs)
+    x = torch.randn(1, 8, 4, 4) if case in ("groups", "dilation", "bf16") else torch.randn(1, 8, side, side)
+    if case == "stride-2-large":  # 2x2 stride: positions counted at the output; 4x the limit in, over the limit out
+        x = torch.randn(1, 8, 2 * side, 2 * side)
+    if case == "bf16":
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        expected = nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                        layer.groups)
+    assert spy.calls == 0
+    assert torch.equal(got, expected)
+
+
+def test_state_dict_and_repr_are_nn_conv2d_s() -> None:
+    ours, theirs = Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert isinstance(ours, nn.Conv2d)
