@@ -91,6 +91,7 @@ class GpuSettings:
     compile_mode: str | None
     compile_backend: str
     chain: Settings  # the compat chain's and diffusers' settings (diffusers' defaults)
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark for the whole run (both sides)
 
 
 @dataclass(frozen=True)
@@ -491,6 +492,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="StableDiffusion.compile_unet's mode (default: its own)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default inductor; aot_eager: a quick CPU check of the compiled path)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark on for the whole run, both sides (a process-wide switch)")
     p.add_argument("--sdxl", action="store_true", help="also bench/sdxl.py's SDXL UNet and VAE at --sdxl-size")
     p.add_argument("--sdxl-size", type=int, default=1024)
     p.add_argument("--out", type=Path, default=None)
@@ -514,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ours, ref, pipe = subjects(args)
     s = GpuSettings(args.model, str(device), args.dtype, diffusers_dtype(args), args.size, args.steps, args.num_maps,
-                    args.batch, args.reps, args.compile, args.compile_mode, args.compile_backend, chain)
+                    args.batch, args.reps, args.compile, args.compile_mode, args.compile_backend, chain,
+                    args.cudnn_benchmark)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # this bench process's switch, never the library's
     _log(f"built in {time.perf_counter() - t0:.1f} s: {s}")
     latent = args.size // ours.model.config.vae.downsample_factor
     with torch.no_grad():
@@ -600,7 +605,8 @@ def summary(r: dict[str, Any]) -> str:
     """The table, from the JSON form of Results (so `--show FILE` prints a committed file as a fresh run would)."""
     st, fid, drift = r["settings"], r["fidelity"], r["fidelity_dtype"]
     lines = [f"{r['env']['device']}, torch {r['env']['torch']}, ours {st['dtype']}, diffusers {st['diffusers_dtype']}, "
-             f"{st['model']} at {st['size']} x {st['size']}, {st['steps']} steps, {st['num_maps']} maps; fidelity "
+             f"{st['model']} at {st['size']} x {st['size']}, {st['steps']} steps, {st['num_maps']} maps"
+             f"{', cudnn.benchmark' if st.get('cudnn_benchmark') else ''}; fidelity "
              f"{'passed' if fid['passed'] else 'FAILED'} (inversion {fid['inversion_rel_err']:.2e}, edit "
              f"{fid['edit_rel_err_same_inputs']:.2e}, mask pixels differing {fid['mask_pixels_differing']})"
              + ("" if drift is None else f"; in {st['dtype']}: inversion {drift['inversion_rel_err']:.2e}, edit "
