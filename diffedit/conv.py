@@ -5,7 +5,7 @@ mmap threshold) that buffer is mmap-ed and page-faulted in anew each time, and a
 2560 channels, 3x3 kernels: 56 to 113 MiB of weights, 16 to 64 positions per row) this costs more than the
 arithmetic. Measured on a 2-core Xeon, torch 2.13 (one process, medians): a 1280 -> 1280 conv on 2 rows of 4x4 took
 19 ms in `F.conv2d` against 5 ms as one matmul of the weights with the unfolded 3x3 patches (im2col), 27 against 14
-ms at 8x8; with weights of 32 MiB or less the two are within 15% of each other, and with glibc told not to mmap
+ms at 8x8; with weights of 32 MiB or less oneDNN is as fast or up to 20% faster, and with glibc told not to mmap
 (MALLOC_MMAP_THRESHOLD_) `F.conv2d` is as fast as the matmul. From about 512 output positions on, oneDNN's direct
 kernel is the faster one again. So the matmul is taken for large fp32 weights on small maps only (`_matmul_pays`).
 It sums the same products in another order: it agrees with `F.conv2d` to float rounding (~5e-7 relative per layer),
