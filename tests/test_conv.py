@@ -5,10 +5,12 @@ Tolerance: max |ours - F.conv2d| / max |F.conv2d| <= 1e-5 (fp32; the same produc
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import diffedit.conv as conv
 from diffedit.conv import LARGE_WEIGHT_BYTES, SMALL_MAP_POSITIONS, Conv2d, conv2d_as_matmul
@@ -42,7 +44,7 @@ class _Spy:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
         return conv2d_as_matmul(*args, **kwargs)
 
@@ -74,40 +76,43 @@ def small_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv, "LARGE_WEIGHT_BYTES", 0)
 
 
-@pytest.mark.usefixtures("small_is_large")
-def test_small_cpu_maps_take_the_matmul(spy: _Spy) -> None:
-    torch.manual_seed(0)
-    layer = Conv2d(8, 8, 3, padding=1)
-    side = int(SMALL_MAP_POSITIONS**0.5)  # 2 rows of side x side / 2 positions: within the limit
-    x = torch.randn(2, 8, side, side // 2)
-    with torch.no_grad():
-        got = layer(x)
-    assert spy.calls == 1
-    assert relative_error(got, F.conv2d(x, layer.weight, layer.bias, padding=1)) <= TOL
+SIDE = int(SMALL_MAP_POSITIONS**0.5)  # 16: one row of SIDE x SIDE is exactly the limit
+# case -> (Conv2d keyword arguments, input shape, whether the matmul runs). Positions are counted at the output,
+# over all rows of the batch.
+DISPATCH: dict[str, tuple[dict[str, Any], tuple[int, ...], bool]] = {
+    "at-the-limit": ({"padding": 1}, (2, 8, SIDE, SIDE // 2), True),
+    "stride-2, the limit at the output": ({"padding": 1, "stride": 2}, (1, 8, 2 * SIDE, 2 * SIDE), True),
+    "one row within, two rows over": ({"padding": 1}, (2, 8, SIDE, SIDE), False),
+    "over the limit": ({"padding": 1}, (1, 8, SIDE + 1, SIDE + 1), False),
+    "bf16": ({"padding": 1}, (1, 8, 4, 4), False),
+    "groups": ({"padding": 1, "groups": 2}, (1, 8, 4, 4), False),
+    "dilation": ({"padding": 1, "dilation": 2}, (1, 8, 4, 4), False),
+    "non-square kernel": ({"kernel_size": (3, 1), "padding": (1, 0)}, (1, 8, 4, 4), False),
+    "reflect padding": ({"padding": 1, "padding_mode": "reflect"}, (1, 8, 4, 4), False),
+    "string padding": ({"padding": "same"}, (1, 8, 4, 4), False),
+    "unbatched input": ({"padding": 1}, (8, 4, 4), False),
+}
 
 
 @pytest.mark.usefixtures("small_is_large")
-@pytest.mark.parametrize("case", ["large-map", "bf16", "groups", "dilation", "stride-2-large"])
-def test_other_convolutions_are_f_conv2d_bit_for_bit(spy: _Spy, case: str) -> None:
+@pytest.mark.parametrize("case", list(DISPATCH))
+def test_which_convolutions_take_the_matmul(spy: _Spy, case: str) -> None:
+    """The matmul where `_matmul_pays` says (within TOL of F.conv2d); anywhere else F.conv2d itself, bit for bit."""
+    kwargs, shape, matmul = DISPATCH[case]
     torch.manual_seed(0)
-    side = int(SMALL_MAP_POSITIONS**0.5) + 1
-    kwargs: dict = {"groups": 2} if case == "groups" else {"dilation": 2} if case == "dilation" else {}
-    layer = Conv2d(8, 8, 3, padding=1, stride=2 if case == "stride-2-large" else 1, **kwargs)
-    x = torch.randn(1, 8, 4, 4) if case in ("groups", "dilation", "bf16") else torch.randn(1, 8, side, side)
-    if case == "stride-2-large":  # 2x2 stride: positions counted at the output; 4x the limit in, over the limit out
-        x = torch.randn(1, 8, 2 * side, 2 * side)
+    layer = Conv2d(8, 8, **{"kernel_size": 3, **kwargs})
+    x = torch.randn(*shape)
     if case == "bf16":
         layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
     with torch.no_grad():
         got = layer(x)
-        expected = nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
-                                        layer.groups)
-    assert spy.calls == 0
-    assert torch.equal(got, expected)
+        expected = nn.Conv2d.forward(layer, x)
+    assert spy.calls == int(matmul)
+    assert relative_error(got, expected) <= TOL if matmul else torch.equal(got, expected)
 
 
 def test_state_dict_and_repr_are_nn_conv2d_s() -> None:
     ours, theirs = Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
     assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-    assert isinstance(ours, nn.Conv2d)
+    assert isinstance(ours, nn.Conv2d) and repr(ours) == repr(theirs)
