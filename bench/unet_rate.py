@@ -7,8 +7,9 @@
     python -m bench.unet_rate --compile-mode max-autotune --out "$OUT/unet-rate-autotune.json"  # Inductor's search
 
 A minute-sized probe for what bench/gpu.py leaves open (a compiled UNet at a large batch, whether cuDNN's own
-algorithm search pays, whether Inductor's autotuning does): random SD 1.5-architecture weights filled on the device, channels_last on CUDA; the rates
-of bench.gpu.unet_rate (FLOPs counted once per batch, median forward). The JSON is rewritten after every rate.
+algorithm search pays, whether Inductor's autotuning does): random SD 1.5-architecture weights filled on the
+device, channels_last on CUDA; the rates of bench.gpu.unet_rate (FLOPs counted once per batch, median forward).
+The JSON is rewritten after every rate.
 """
 
 from __future__ import annotations
