@@ -16,7 +16,7 @@ from .image import ImageInput, to_mask, to_numpy, to_pil, to_tensor
 from .model import AttentionHook, StableDiffusion
 from .noise import randn
 from .regulariser import InversionRegulariser
-from .rows import tile, to_rows
+from .rows import per_image, tile, to_rows
 from .text import PromptEmbeddings, PromptInput, as_prompt_list
 from .vae import DiagonalGaussian
 
@@ -227,9 +227,10 @@ def edit_mask(mask: Any, latent_size: tuple[int, ...]) -> Tensor:
     return latent
 
 
-def background(model: StableDiffusion, image: ImageInput | None, *, latent_size: tuple[int, ...],
-               rows: int) -> Tensor | None:
-    """edit()'s background_image as (1 or rows, 3, H, W) in [0, 1], checked against the inversion before any work."""
+def background(model: StableDiffusion, image: ImageInput | None, *, latent_size: tuple[int, ...], rows: int,
+               images_per_row: int) -> Tensor | None:
+    """edit()'s background_image, checked against the inversion before any work, as one (3, H, W) picture in [0, 1]
+    per output image (`rows.per_image`)."""
     if image is None:
         return None
     original = to_tensor(image, model.config.vae.downsample_factor)
@@ -239,7 +240,7 @@ def background(model: StableDiffusion, image: ImageInput | None, *, latent_size:
                          "pass the image that was inverted")
     if len(original) not in (1, rows):
         raise ValueError(f"background_image has {len(original)} images for {rows} rows: give 1 or {rows}")
-    return original.to(model.device)
+    return per_image(original.to(model.device), rows, images_per_row)
 
 
 # ---- the default mask's speed-up ----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Each stage of edit.py branches here once. What diffusers does differently (DESIG
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -46,13 +48,13 @@ def sample_z0(
 
 
 def mask_map(
-    model: StableDiffusion, *, z0: Tensor, t: int, src: PromptEmbeddings, src_neg: PromptEmbeddings,
-    tgt: PromptEmbeddings, tgt_neg: PromptEmbeddings, num_maps: int, guidance: float,
-    generator: torch.Generator | None,
+    model: StableDiffusion, *, z0: Tensor, t: int, prompts: tuple[PromptEmbeddings, ...], num_maps: int,
+    guidance: float, generator: torch.Generator | None,
 ) -> Tensor:
-    """The map of diffusers' generate_mask from its z0 samples (`num_maps` consecutive rows per image): its batch
-    layout (a shared image tiled), its swapped guidance, raw outputs (v for v-models), averaged over maps and
-    channels."""
+    """The map of diffusers' generate_mask from its z0 samples (`num_maps` consecutive rows per image) and the
+    stage's (source, source negative, target, target negative) prompts: its batch layout (a shared image tiled), its
+    swapped guidance, raw outputs (v for v-models), averaged over maps and channels."""
+    src, src_neg, tgt, tgt_neg = prompts
     n_images = len(z0) // num_maps
     rows = batch_rows(images=n_images, source_prompt=len(src), target_prompt=len(tgt))
     z = torch.cat([z0] * (rows // n_images))
@@ -72,9 +74,13 @@ def mask_map(
     return (out_tgt - out_src).abs().reshape(rows, num_maps, *out_tgt.shape[-3:]).mean([1, 2])[:, None]
 
 
-def refuse_regulariser(model: StableDiffusion, reg: InversionRegulariser | None, *, guided: bool, rows: int) -> None:
+def checked_regulariser_terms(
+    model: StableDiffusion, reg: InversionRegulariser | None, *, guided: bool, rows: int
+) -> Callable[..., PenaltyTerms]:
+    """`regulariser_terms` below, for invert(): refused where diffusers' own code fails."""
     if reg is not None and guided and rows > 1 and _is_v(model):
         raise ValueError("diffusers' inversion regulariser fails for v-models with guidance at batch > 1")
+    return regulariser_terms
 
 
 def regulariser_terms(model: StableDiffusion, *, x: Tensor, t_cur: int, t_next: int, guided: bool) -> PenaltyTerms:

@@ -112,12 +112,12 @@ def generate_mask(
     prompts = mask_prompts(model, source=source_prompt, target=target_prompt, source_negative=source_negative_prompt,
                            target_negative=target_negative_prompt, guidance=guidance, clip_skip=clip_skip,
                            diffusers_compat=diffusers_compat)
-    (src, src_neg, tgt, tgt_neg), posterior = prompts, None
+    (src, _, tgt, _), posterior = prompts, None
     if diffusers_compat:  # diffusers' map: one posterior sample per map, its batch layout, its swapped guidance
         samples, posterior = encode_z0(model, image=image, latents=latents, generator=generator,
                                        diffusers_compat=True, repeat=num_maps)
-        diff = compat.mask_map(model, z0=samples, t=t, src=src, src_neg=src_neg, tgt=tgt, tgt_neg=tgt_neg,
-                               num_maps=num_maps, guidance=guidance, generator=generator)
+        diff = compat.mask_map(model, z0=samples, t=t, prompts=prompts, num_maps=num_maps, guidance=guidance,
+                               generator=generator)
         z0 = latents  # (diffusers has no single z0: each map samples its own)
     else:
         z0, _ = encode_z0(model, image=image, latents=latents)  # the posterior mean, shared with invert()
@@ -177,10 +177,8 @@ def invert(
                       diffusers_compat=diffusers_compat)  # the posterior mean (compat: a sample)
     rows = batch_rows(images=len(z0), prompt=len(cond))
     z0, cond, uncond = to_rows(z0, rows), to_rows(cond, rows), to_rows(uncond, rows) if guidance > 1 else None
-    terms = regulariser_terms
-    if diffusers_compat:  # diffusers' regulariser: its own conversions, and a refusal where its code fails
-        compat.refuse_regulariser(model, regulariser, guided=uncond is not None, rows=rows)
-        terms = compat.regulariser_terms
+    terms = (compat.checked_regulariser_terms(model, regulariser, guided=uncond is not None, rows=rows)
+             if diffusers_compat else regulariser_terms)  # diffusers': its own conversions, refused where it fails
     x, trajectory = z0, []
     levels = [-1, *reversed(ts)]  # -1: the clean latent's level (abar = the schedule's final alpha)
     for i, (t_cur, t_next) in enumerate(tqdm(list(zip(levels[:-1], levels[1:])), desc="invert", disable=not progress)):
@@ -246,7 +244,7 @@ def edit(
     cond, uncond = prompt_pair(model, prompt, negative_prompt, what="prompt", guidance=guidance, clip_skip=clip_skip,
                                diffusers_compat=diffusers_compat)
     rows = batch_rows(inversion=len(inversion.z0), mask=len(mask), prompt=len(cond))
-    original = background(model, background_image, latent_size=size, rows=rows)
+    original = background(model, background_image, latent_size=size, rows=rows, images_per_row=k)
     cond, uncond = per_image(cond, rows, k), per_image(uncond, rows, k) if guidance > 1 else None
     mask = (compat.tile_mask(mask, rows, k) if diffusers_compat else per_image(mask, rows, k)).to(model.dtype)
     x_at = {t: per_image(inversion.latents[:, i].to(model.device), rows, k) for i, t in enumerate(ts)}  # by level
@@ -261,5 +259,4 @@ def edit(
         x = step.x * mask + x_inv * (1 - mask)
         if callback is not None:
             callback(dict(i=i, t=t_cur, x=x, pred_x0=step.pred_x0))
-    original = None if original is None else per_image(original, rows, k)
     return EditResult(output_images(model, x, mask=mask, original=original, output_type=output_type), x)
