@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,9 @@ class StableDiffusion(nn.Module):
         # for callers that keep it, as the mask's callbacks and users of unet_output may.
         return out.clone() if graphs else out
 
-    def compile_unet(self, mode: str | None = None, *, backend: str = "inductor") -> "StableDiffusion":
+    def compile_unet(
+        self, mode: str | None = None, *, backend: str = "inductor", options: Mapping[str, Any] | None = None,
+    ) -> "StableDiffusion":
         """torch.compile the UNet in place (nn.Module.compile: the same module and state-dict names, so `save`,
         `.to()` and the weights converters keep working); the VAE and text encoder run once a stage and stay eager.
 
@@ -227,10 +229,12 @@ class StableDiffusion(nn.Module):
         image and prompt of that shape; the first call of a shape pays the warm-up (seconds to minutes). Call it
         after `.to(device)`; an attention hook bypasses the compiled code (it runs eagerly). `backend` other than
         "inductor" (e.g. "aot_eager": the captured graph without code generation, for tests) takes no mode.
+        `options`: Inductor settings for this model's graphs alone (torch.compile's `options=`, added to the mode's;
+        e.g. {"conv_1x1_as_mm": True}), never the process-wide torch._inductor.config. CUDA graphs stay the mode's.
         """
         if backend != "inductor":
-            if mode is not None:
-                raise ValueError(f"compile modes are Inductor's: backend {backend!r} takes mode=None")
+            if mode is not None or options:
+                raise ValueError(f"compile modes and options are Inductor's: backend {backend!r} takes neither")
             self.unet.compile(backend=backend, dynamic=False)
             self.compile_mode = "default"
             return self
@@ -242,7 +246,13 @@ class StableDiffusion(nn.Module):
         if mode in CUDA_GRAPH_MODES and not cuda:
             raise ValueError(f"compile mode {mode!r} uses CUDA graphs, which need a CUDA model (this one is on "
                              f"{self.device}): use 'default' or 'max-autotune-no-cudagraphs'")
-        self.unet.compile(mode=mode, dynamic=False)
+        if options and "triton.cudagraphs" in options:
+            raise ValueError("CUDA graphs follow the compile mode (reduce-overhead / max-autotune), not `options`")
+        # torch.compile takes a mode or options, not both: the mode's own options, then the caller's
+        from torch._inductor import list_mode_options
+
+        settings = {**list_mode_options(mode), **(options or {})}
+        self.unet.compile(options=settings, dynamic=False)
         self.compile_mode = mode
         return self
 

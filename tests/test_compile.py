@@ -134,9 +134,28 @@ def test_compile_modes_checked(tokenizer_dir: Path) -> None:
         model.compile_unet("reduce-overhead")  # a CPU model
     with pytest.raises(ValueError, match="mode must be one of"):
         model.compile_unet("fastest")
-    with pytest.raises(ValueError, match="takes mode=None"):
+    with pytest.raises(ValueError, match="takes neither"):
         model.compile_unet("default", backend="aot_eager")
+    with pytest.raises(ValueError, match="takes neither"):
+        model.compile_unet(backend="aot_eager", options={"conv_1x1_as_mm": True})
+    with pytest.raises(ValueError, match="CUDA graphs follow the compile mode"):
+        model.compile_unet(options={"triton.cudagraphs": True})
     assert model.compile_mode is None
+
+
+def test_compile_options_join_the_modes_own(tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile refuses a mode and options together: the mode's settings (Inductor's own table) and the
+    caller's reach it as one options dict, the caller's last; nothing is compiled here (the call is recorded)."""
+    model = make_tiny_model(tokenizer_dir)
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(model.unet, "compile", lambda **kwargs: calls.append(kwargs))
+    model.compile_unet(options={"conv_1x1_as_mm": True})
+    model.compile_unet("max-autotune-no-cudagraphs", options={"coordinate_descent_tuning": False})
+    assert calls == [
+        dict(options={"conv_1x1_as_mm": True}, dynamic=False),
+        dict(options={"max_autotune": True, "coordinate_descent_tuning": False}, dynamic=False),
+    ]
+    assert model.compile_mode == "max-autotune-no-cudagraphs"
 
 
 def test_attention_hook_runs_eagerly_on_a_compiled_unet(tokenizer_dir: Path) -> None:
