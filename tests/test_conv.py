@@ -1,6 +1,8 @@
-"""diffedit.conv: the CPU convolution taken as a matmul of unfolded patches on small maps, against F.conv2d.
+"""diffedit.conv: the CPU convolution taken as a matmul of unfolded patches on small maps, against F.conv2d; an
+upsampler's conv at the input's resolution, against F.interpolate then F.conv2d.
 
-Tolerance: max |ours - F.conv2d| / max |F.conv2d| <= 1e-5 (fp32; the same products summed in another order).
+Tolerance: max |ours - reference| / max |reference| <= 1e-5 in fp32 (the same products summed in another order);
+1e-12 in float64, where the sub-pixel identity is checked for itself.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import diffedit.conv as conv
-from diffedit.conv import LARGE_WEIGHT_BYTES, SMALL_MAP_POSITIONS, Conv2d, conv2d_as_matmul
+from diffedit.conv import LARGE_WEIGHT_BYTES, SMALL_MAP_POSITIONS, UPSAMPLE_MIN_POSITIONS, Conv2d, conv2d_as_matmul
+from diffedit.conv import upsample_conv, upsample_conv_pays
+from diffedit.unet import Upsample
 from tests._reference import relative_error
 
 TOL = 1e-5
@@ -116,3 +120,78 @@ def test_state_dict_and_repr_are_nn_conv2d_s() -> None:
     assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert isinstance(ours, nn.Conv2d) and repr(ours) == repr(theirs)
+
+
+# ---- an upsampler's conv at the input's resolution ---------------------------------------------------------------
+def upsample_then_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 4), (1, 3, 1, 1), (1, 6, 2, 9)], ids=["7x4", "1x1", "2x9"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_upsample_conv_is_upsampling_then_convolving(shape: tuple[int, ...], bias: bool) -> None:
+    """In float64 the identity itself (every parity, the borders where the padding is read, a 1x1 map)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    weight = torch.randn(4, shape[1], 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if bias else None
+    expected = upsample_then_conv(x, weight, b)
+    got = upsample_conv(x, weight, b)
+    assert got.shape == expected.shape and got.is_contiguous()
+    assert relative_error(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("channels,side", [(512, 32), (256, 64)], ids=["512ch-32x32", "256ch-64x64"])
+def test_sd_s_upsamplers_take_it_within_float_rounding(monkeypatch: pytest.MonkeyPatch, channels: int,
+                                                       side: int) -> None:
+    """The SD VAE decoder's upsamplers at a 256 px image take `upsample_conv`, within TOL of the plain path."""
+    torch.manual_seed(0)
+    layer = Upsample(channels)
+    x = torch.randn(1, channels, side, side)
+    calls: list[int] = []
+    monkeypatch.setattr("diffedit.unet.upsample_conv", lambda *a: calls.append(1) or upsample_conv(*a))
+    with torch.no_grad():
+        got, expected = layer(x), upsample_then_conv(x, layer.conv.weight, layer.conv.bias)
+    assert calls == [1]
+    assert relative_error(got, expected) <= TOL
+
+
+SIDE_UP = int(UPSAMPLE_MIN_POSITIONS**0.5)  # 32: one row of SIDE_UP x SIDE_UP is exactly the floor
+# case -> (Conv2d keyword arguments, channels, input shape, whether upsample_conv runs). Positions are counted at the
+# input, over all rows of the batch; 192 channels have 1.27 MiB of weights, 160 channels 0.88 MiB.
+UPSAMPLE_DISPATCH: dict[str, tuple[dict[str, Any], int, tuple[int, ...], bool]] = {
+    "at the floor": ({}, 192, (1, SIDE_UP, SIDE_UP), True),
+    "two rows reach it": ({}, 192, (2, SIDE_UP, SIDE_UP // 2), True),
+    "below the floor": ({}, 192, (1, SIDE_UP - 1, SIDE_UP), False),
+    "weights under 1 MiB": ({}, 160, (1, SIDE_UP, SIDE_UP), False),
+    "bf16": ({}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "stride 2": ({"stride": 2}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "no padding": ({"padding": 0}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "groups": ({"groups": 2}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "reflect padding": ({"padding_mode": "reflect"}, 192, (1, SIDE_UP, SIDE_UP), False),
+}
+
+
+@pytest.mark.parametrize("case", list(UPSAMPLE_DISPATCH))
+def test_which_upsamplers_take_it(case: str) -> None:
+    kwargs, channels, (rows, h, w), expected = UPSAMPLE_DISPATCH[case]
+    layer = nn.Conv2d(channels, channels, **{"kernel_size": 3, "padding": 1, **kwargs})
+    x = torch.zeros(rows, channels, h, w)
+    if case == "bf16":
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    assert upsample_conv_pays(x, layer) == expected
+    assert not upsample_conv_pays(x.to("meta"), layer)  # the CPU only
+
+
+def test_upsampler_to_a_given_size_and_tiny_layers_stay_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An odd skip size (interpolation to `size`, not x2) and a small layer (the tiny configs') are bit for bit."""
+    monkeypatch.setattr("diffedit.unet.upsample_conv", lambda *a: pytest.fail("upsample_conv was taken"))
+    torch.manual_seed(0)
+    big, small = Upsample(256), Upsample(64)
+    with torch.no_grad():
+        x = torch.randn(1, 256, 32, 32)
+        got = big(x, size=(63, 64))
+        expected = big.conv(F.interpolate(x, size=(63, 64), mode="nearest"))
+        assert torch.equal(got, expected)
+        x = torch.randn(1, 64, 64, 64)
+        assert torch.equal(small(x), small.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
