@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = diffusers_pipeline(ref_model, sample_size=latent)
             settings = Settings(steps=args.steps, num_maps=args.num_maps, mask_strength=0.5, strength=0.8,
                                 guidance=7.5, inversion_guidance=7.5)
-            timings = time_sides([ours, diffusers_side(ref, pipe, SimpleNamespace(chain=settings), 1)], 3,  # type: ignore[arg-type]
-                                 device)
+            theirs = diffusers_side(ref, pipe, SimpleNamespace(chain=settings), 1)  # type: ignore[arg-type]
+            timings = time_sides([ours, theirs], 3, device)
             out["alternating"] = [asdict(t) for t in timings]
             speedup = timings[1].seconds_per_edit / timings[0].seconds_per_edit
             out["speedup_vs_diffusers"] = speedup
