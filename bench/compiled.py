@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import time
@@ -43,13 +44,17 @@ from .models import Subject, _image, diffusers_pipeline, random_model_on
 from .run import Settings, _env
 from .sdxl import DTYPES
 
-# Kernel kinds by name, first match wins: cuDNN's convolutions also say "gemm" (implicit GEMM), so they come first.
-KINDS = (("convolution", r"conv|fprop|dgrad|wgrad|implicit"), ("attention", r"flash|fmha|attention|sdpa"),
-         ("matmul", r"gemm|nvjet|cutlass|cublas|matmul|splitk"), ("inductor triton", r"^triton_"))
+# Kernel kinds by name, first match wins. Inductor's kernels come first: it names them after the operators they
+# fuse (triton_poi_fused_add_convolution_silu_0 is no convolution); its matmul / conv templates apart. Then cuDNN's
+# convolutions, which also say "gemm" (implicit GEMM), before the matmuls.
+KINDS = (("inductor template", r"^triton_tem_"), ("inductor triton", r"^triton_"),
+         ("convolution", r"conv|fprop|dgrad|wgrad|implicit"), ("attention", r"flash|fmha|attention|sdpa"),
+         ("matmul", r"gemm|nvjet|cutlass|cublas|matmul|splitk"))
 
 
 def option(text: str) -> tuple[str, Any]:
-    """KEY=VALUE of an Inductor setting: true / false / 1 / 0 / numbers as such, anything else a string."""
+    """KEY=VALUE of an Inductor setting: true / false / 1 / 0 as booleans (write 1.0 for a float), other numbers as
+    such, anything else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"an Inductor option is KEY=VALUE, got {text!r}")
@@ -138,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(phase: str) -> None:
         out["elapsed_s"] = round(time.perf_counter() - start, 1)
-        if args.out is not None:
-            args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        if args.out is not None:  # whole or not at all, should the call be stopped while writing
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+            os.replace(partial, args.out)
         _log(f"{phase} done at {out['elapsed_s']:.0f} s")
 
     with torch.no_grad():
@@ -188,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             chain(Stages(device))
             compile_s["chain warm-up"] = round(time.perf_counter() - t0, 1)
+            save(f"chain warm-up ({compile_s['chain warm-up']:.0f} s)")
             out["chain"] = asdict(time_sides([ours], args.reps, device)[0])
             save(f"chain: {out['chain']['seconds_per_edit']:.3f} s an edit")
             if args.profile:
-                calls = 1 + 2 * int(args.steps * 0.8)  # the mask's one call, the inversion's and the edit's steps
-                out["profile"] = profile_chain(chain, device, calls)
-                save(f"profile: GPU busy {100 * out['profile']['busy_fraction']:.0f}% of the wall")
+                # the defaults' UNet calls: the mask's one (all maps in one call), the inversion's and the edit's steps
+                calls = 1 + 2 * int(args.steps * 0.8)
+                try:  # the one CUDA-only path here (CUPTI under CUDA graphs): a failure costs this phase alone
+                    out["profile"] = profile_chain(chain, device, calls)
+                    save(f"profile: GPU busy {100 * out['profile']['busy_fraction']:.0f}% of the wall")
+                except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the later phases still run
+                    out["profile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                    save(f"profile failed: {out['profile_error']}")
         for rows in [int(r) for r in args.rows.split(",") if r]:
             if in_time(f"{rows} rows"):
                 rate(rows)

@@ -13,7 +13,8 @@ told not to mmap (MALLOC_MMAP_THRESHOLD_, README.md "On a CPU") `F.conv2d` is as
 is taken for large fp32 weights on small maps only (`_matmul_pays`).
 
 It sums the same products in another order: it agrees with `F.conv2d` to float rounding (~5e-7 relative per layer),
-not bit for bit. Every other convolution (the tiny test configs' included) is `F.conv2d` itself. The limit counts
+not bit for bit. Every other convolution (the tiny test configs' included) is `F.conv2d` itself, or
+`upsample_conv` where its own gate says. The limit counts
 the rows of the batch, so a row may take the other path alone than in a batch (1280 channels at 16x16: 256
 positions alone, 512 in a pair); on full-size CPU models, results then differ in the last bits with the batch, as
 oneDNN's own kernel choices already make them. The output is contiguous (NCHW) whatever the input's layout.
@@ -82,7 +83,8 @@ class Conv2d(nn.Conv2d):
 # ---- 2. an upsampler's conv at the input's resolution ---------------------------------------------------------------
 def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` for a 3x3 kernel,
-    without the upsampled map: 16 multiply-adds per output and input channel instead of 36.
+    without the upsampled map: 4 multiply-adds per output pixel and channel pair instead of 9 (a little more in
+    all: each parity is computed over (h + 1) x (w + 1) positions, 0.47 of the work at 32x32).
 
     Each output pixel (2i + a, 2j + b) of the 3x3 conv over the nearest-upsampled map reads a 2x2 window of x, with
     the kernel's taps that land on the same source pixel summed (`_PHASE_TAPS`). The four parities (a, b) are one
@@ -110,8 +112,10 @@ def upsample_conv_pays(x: Tensor, conv: nn.Conv2d) -> bool:
     decoder's upsamplers at a 256 x 256 image, 512 channels at 32x32 69 -> 50 ms, 512 at 64x64 267 -> 152 ms, 256 at
     128x128 301 -> 167 ms; the UNet's 640 channels at 2 rows of 32x32 226 -> 129 ms. Smaller maps lose (512 channels
     at 16x16 17 -> 24 ms, the kernels' combination costing more than the product saves) and so do larger weights
-    (1280 channels: 59 MiB, the page faults of `Conv2d`'s note). The floor of 1 MiB keeps the tiny test configs
-    (at most 147 KiB) on the plain path, bit for bit; SD's smallest upsampler (256 channels) has 2.3 MiB."""
+    (1280 channels: 56 MiB, the page faults of `Conv2d`'s note). The floor of 1 MiB keeps the tiny test configs
+    (at most 144 KiB) on the plain path, bit for bit; SD's smallest upsampler (256 channels) has 2.3 MiB. As for
+    `Conv2d`, the positions count the batch's rows: the UNet's 640-channel upsampler at a 384 px image has 576
+    positions alone and 1152 in the edit's pair, so a row's last bits may differ alone and in a batch."""
     size = conv.weight.numel() * conv.weight.element_size()
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and conv.weight.dtype == x.dtype):
         return False

@@ -236,7 +236,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
         """`size`: the skip connection's (h, w) where it is not twice x's (an odd size was halved, rounding up)."""
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            if upsample_conv_pays(x, self.conv):  # the same conv at x's resolution: 4/9 of the work (conv.py)
+            if upsample_conv_pays(x, self.conv):  # the same conv at x's resolution: under half the work (conv.py)
                 return upsample_conv(x, self.conv.weight, self.conv.bias)
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))  # as diffusers' upsample_size

@@ -158,16 +158,21 @@ def test_sd_s_upsamplers_take_it_within_float_rounding(monkeypatch: pytest.Monke
 
 SIDE_UP = int(UPSAMPLE_MIN_POSITIONS**0.5)  # 32: one row of SIDE_UP x SIDE_UP is exactly the floor
 # case -> (Conv2d keyword arguments, channels, input shape, whether upsample_conv runs). Positions are counted at the
-# input, over all rows of the batch; 192 channels have 1.27 MiB of weights, 160 channels 0.88 MiB.
+# input, over all rows of the batch. 192 channels have 1.27 MiB of weights, 160 channels 0.88 MiB; the conditions
+# that would shrink the weights (bf16, groups) are tested at 256 channels (2.25 MiB; 1.125 in bf16 or 2 groups), so
+# that the floor cannot be what refuses them.
 UPSAMPLE_DISPATCH: dict[str, tuple[dict[str, Any], int, tuple[int, ...], bool]] = {
     "at the floor": ({}, 192, (1, SIDE_UP, SIDE_UP), True),
     "two rows reach it": ({}, 192, (2, SIDE_UP, SIDE_UP // 2), True),
     "below the floor": ({}, 192, (1, SIDE_UP - 1, SIDE_UP), False),
     "weights under 1 MiB": ({}, 160, (1, SIDE_UP, SIDE_UP), False),
-    "bf16": ({}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "bf16": ({}, 256, (1, SIDE_UP, SIDE_UP), False),
+    "bf16 weights, fp32 input": ({}, 256, (1, SIDE_UP, SIDE_UP), False),
+    "groups": ({"groups": 2}, 256, (1, SIDE_UP, SIDE_UP), False),
     "stride 2": ({"stride": 2}, 192, (1, SIDE_UP, SIDE_UP), False),
     "no padding": ({"padding": 0}, 192, (1, SIDE_UP, SIDE_UP), False),
-    "groups": ({"groups": 2}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "dilation": ({"dilation": 2}, 192, (1, SIDE_UP, SIDE_UP), False),
+    "5x5 kernel": ({"kernel_size": 5}, 192, (1, SIDE_UP, SIDE_UP), False),
     "reflect padding": ({"padding_mode": "reflect"}, 192, (1, SIDE_UP, SIDE_UP), False),
 }
 
@@ -177,10 +182,25 @@ def test_which_upsamplers_take_it(case: str) -> None:
     kwargs, channels, (rows, h, w), expected = UPSAMPLE_DISPATCH[case]
     layer = nn.Conv2d(channels, channels, **{"kernel_size": 3, "padding": 1, **kwargs})
     x = torch.zeros(rows, channels, h, w)
-    if case == "bf16":
-        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    if case.startswith("bf16"):
+        layer = layer.to(torch.bfloat16)
+        x = x.to(torch.bfloat16) if case == "bf16" else x
+    if expected or case.startswith("bf16") or case == "groups":  # the same layer in fp32 / one group would take it
+        assert 2**20 <= channels * channels * 9 * 4 <= LARGE_WEIGHT_BYTES
     assert upsample_conv_pays(x, layer) == expected
     assert not upsample_conv_pays(x.to("meta"), layer)  # the CPU only
+
+
+def test_upsampler_to_twice_the_size_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UNet passes its skip's size: exactly twice x's is the plain x2 upsampling, and takes the fast path."""
+    torch.manual_seed(0)
+    layer, x = Upsample(256), torch.randn(1, 256, 32, 32)
+    calls: list[int] = []
+    monkeypatch.setattr("diffedit.unet.upsample_conv", lambda *a: calls.append(1) or upsample_conv(*a))
+    with torch.no_grad():
+        got = layer(x, size=(64, 64))
+    assert calls == [1]
+    assert relative_error(got, upsample_then_conv(x, layer.conv.weight, layer.conv.bias)) <= TOL
 
 
 def test_upsampler_to_a_given_size_and_tiny_layers_stay_plain(monkeypatch: pytest.MonkeyPatch) -> None:
