@@ -43,6 +43,19 @@ UPSAMPLE_WEIGHT_BYTES = (2**20, LARGE_WEIGHT_BYTES)
 _PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
+def _weight_bytes(conv: nn.Conv2d) -> int:
+    return conv.weight.numel() * conv.weight.element_size()
+
+
+def _plain_on_cpu(x: Tensor, conv: nn.Conv2d) -> bool:
+    """What both fast paths need: a batched fp32 input on the CPU, and a conv of one group, no dilation, zero padding
+    given as numbers (each path then checks its own kernel, stride, sizes)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
+        return False
+    return not isinstance(conv.padding, str) and conv.groups == 1 and conv.dilation == (1, 1) and (
+        conv.padding_mode == "zeros")
+
+
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return max(0, (size + 2 * padding - kernel) // stride + 1)  # 0: the kernel does not fit (F.conv2d says so)
 
@@ -68,13 +81,10 @@ class Conv2d(nn.Conv2d):
         return conv2d_as_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])  # type: ignore[index]
 
     def _matmul_pays(self, x: Tensor) -> bool:
-        large = self.weight.numel() * self.weight.element_size() > LARGE_WEIGHT_BYTES
-        if not (large and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
-            return False
-        if isinstance(self.padding, str) or self.groups != 1 or self.dilation != (1, 1):
+        if not (_weight_bytes(self) > LARGE_WEIGHT_BYTES and _plain_on_cpu(x, self)):
             return False
         (k, k_w), (s, s_w), (p, p_w) = self.kernel_size, self.stride, self.padding
-        if (k, s, p) != (k_w, s_w, p_w) or self.padding_mode != "zeros":
+        if (k, s, p) != (k_w, s_w, p_w):
             return False
         positions = x.shape[0] * _out_size(x.shape[-2], k, s, p) * _out_size(x.shape[-1], k, s, p)
         return 0 < positions <= SMALL_MAP_POSITIONS
@@ -116,10 +126,9 @@ def upsample_conv_pays(x: Tensor, conv: nn.Conv2d) -> bool:
     (at most 144 KiB) on the plain path, bit for bit; SD's smallest upsampler (256 channels) has 2.3 MiB. As for
     `Conv2d`, the positions count the batch's rows: the UNet's 640-channel upsampler at a 384 px image has 576
     positions alone and 1152 in the edit's pair, so a row's last bits may differ alone and in a batch."""
-    size = conv.weight.numel() * conv.weight.element_size()
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and conv.weight.dtype == x.dtype):
+    if not (_plain_on_cpu(x, conv) and conv.weight.dtype == x.dtype):
         return False
-    plain = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
-             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
     lo, hi = UPSAMPLE_WEIGHT_BYTES
-    return plain and lo <= size <= hi and x.shape[0] * x.shape[-2] * x.shape[-1] >= UPSAMPLE_MIN_POSITIONS
+    geometry = conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    return geometry and lo <= _weight_bytes(conv) <= hi and x.shape[0] * x.shape[-2] * x.shape[-1] >= (
+        UPSAMPLE_MIN_POSITIONS)
