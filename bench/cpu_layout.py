@@ -8,9 +8,10 @@
         python -m bench.cpu_layout --part decode --layouts nchw --reps 5                   # once without, once with
 
 Random SD 1.5-architecture weights. In one process the layouts alternate (the weights re-laid out between calls,
-outside the timed region): medians, each call timed alone, with the relative difference of the outputs (float
-rounding: oneDNN sums in another order in NHWC). glibc reads its MALLOC_ variables at start-up, so the allocator
-A/B is two processes. The library does neither (bench/README.md, "CPU, 2026-12-05"); this only measures.
+outside the timed region): medians, each call timed alone, with the outputs' difference ||a - b|| / ||a|| against
+the first layout's (float rounding: oneDNN sums in another order in NHWC). glibc reads its MALLOC_ variables at
+start-up, so the allocator A/B is two processes. The library does neither (bench/README.md, "2026-12-05: what else
+was tried for the CPU targets"); this only measures.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=6)
     args = p.parse_args(argv)
     layouts = args.layouts.split(",")
-    if not layouts or any(name not in FORMATS for name in layouts):
+    if any(name not in FORMATS for name in layouts):  # '' (an empty --layouts) included
         p.error(f"--layouts takes nchw and / or nhwc, not {args.layouts!r}")
     network, call = calls(args.part)
     outputs, seconds = {}, {name: [] for name in layouts}
