@@ -751,11 +751,11 @@ def _env(device: str) -> Env:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,sd15,toy",
-                   help=f"comma-separated, from {MODELS} (toy: skipped if not built)")
+                   help=f"comma-separated, from {MODELS} (toy: skipped if its weights are missing)")
     p.add_argument("--reps", type=int, default=0,
                    help="timed repetitions per side, median reported (default: 5; sd15 3)")
     p.add_argument("--strength", type=float, default=0.0, help="inversion / edit strength (default: 0.8; sd15 0.3)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps (mask at strength 0.5, inversion / edit at 0.8)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps (mask at strength 0.5, the rest at --strength)")
     p.add_argument("--num-maps", type=int, default=2, help="noise maps for the mask")
     p.add_argument("--size", type=int, default=0, help="image side (default: tiny/toy 64, sd15 256)")
     p.add_argument("--unet-reps", type=int, default=5, help="timed UNet forwards per side")

@@ -242,7 +242,7 @@ def test_eval_says_a_missing_diffusers_method_is_skipped_even_when_quiet(tmp_pat
 
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--out", str(out), "--count", "1", "--methods", "encode_decode", "diffusers", "--quiet"]) == 0
+    assert main(["eval", "--out", str(out), "--count", "1", "--methods", "reconstruction", "diffusers", "--quiet"]) == 0
     assert "diffusers: skipped: diffusers is not installed" in capsys.readouterr().err
     assert "Infinity" not in out.read_text() and "NaN" not in out.read_text()
 

@@ -301,3 +301,21 @@ def test_eval_command_writes_results_comparisons_and_sheet(tmp_path, capsys) -> 
     assert sheet.size == (9 * 132 - 4, 14 + 2 * 132)  # input, target, 3 methods with a mask (x2), encode_decode
     assert main(args) != 0  # the files exist: nothing is overwritten without --force
     assert "exists" in capsys.readouterr().err
+
+
+def test_eval_baselines_are_the_papers(toy) -> None:
+    """`sdedit` starts from random noise at r (Meng et al.; a new seed, a new picture), `encode_decode` from the DDIM
+    encoding (deterministic: the seed is unused at eta 0), `reconstruction` is the VAE round trip of the input."""
+    from diffedit.toy.evaluate import Settings, run_encode_decode, run_reconstruction, run_sdedit
+
+    pair = heldout_edit_pairs()[0]
+    source, image = render(pair.source)[0], to_tensor(render(pair.source)[0])[None]
+    s = Settings(steps=5)
+    args = (toy, image, pair.source.caption, pair.target.caption, s)
+    sdedit = [run_sdedit(*args, seed)[0] for seed in (0, 1)]
+    encoded = [run_encode_decode(*args, seed)[0] for seed in (0, 1)]
+    assert not np.array_equal(sdedit[0], sdedit[1]) and np.array_equal(encoded[0], encoded[1])
+    assert not np.array_equal(sdedit[0], encoded[0])
+    recon = run_reconstruction(*args, 0)[0]
+    assert recon.shape == source.shape and psnr(recon, source) > 25  # the null edit: close to the input everywhere
+    assert psnr(encoded[0], source) < psnr(recon, source)  # ... where an edit with Q changes it

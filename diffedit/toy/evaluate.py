@@ -12,8 +12,9 @@ the ground truth that the world renders:
 
     diffedit          ours, the default (paper-faithful) mode
     diffedit_compat   ours with diffusers_compat=True (diffusers' numbers, its defects included)
-    sdedit            no mask: the same DDIM encoding to r, decoded with Q and no blend (an all-ones mask)
-    encode_decode     the null edit: the VAE reconstruction of the input
+    sdedit            SDEdit (Meng et al. 2022): z0 noised to r with one random draw, decoded with Q, no mask
+    encode_decode     the paper's "encode-decode without mask" (Fig. 6): the DDIM encoding to r, decoded with Q, no mask
+    reconstruction    the null edit: the VAE reconstruction of the input (the ceiling of background PSNR)
     diffusers         diffusers' StableDiffusionDiffEditPipeline on the exported weights, same settings
 
 Metrics (plain functions below, usable from notebooks): the IoU of the method's mask (image resolution) with
@@ -47,7 +48,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffedit.chain import edit_image
-from diffedit.edit import edit, invert
+from diffedit.edit import Inversion, edit, invert, noise_inversion
 from diffedit.files import atomic_write, atomic_write_text
 from diffedit.image import overlay, to_uint8
 from diffedit.model import StableDiffusion
@@ -56,7 +57,7 @@ from diffedit.toy.metrics import classify_shape, colour_pixels, edit_success, ma
 from diffedit.toy.metrics import nearest_colour, psnr  # noqa: F401
 from diffedit.toy.world import EditPair, heldout_edit_pairs, render, to_tensor
 
-METHODS = ("diffedit", "diffedit_compat", "sdedit", "encode_decode", "diffusers")
+METHODS = ("diffedit", "diffedit_compat", "sdedit", "encode_decode", "reconstruction", "diffusers")
 WITH_MASK = ("diffedit", "diffedit_compat", "diffusers")
 
 
@@ -95,16 +96,28 @@ def run_diffedit(model, image, source, target, s: Settings, seed: int, compat: b
 
 
 def run_sdedit(model, image, source, target, s: Settings, seed: int):
-    """SDEdit-style, no mask: DDIM-encode to r (as DiffEdit), then decode with Q and no blend (all-ones mask)."""
+    """SDEdit: z0 noised to r with one random draw (`noise_inversion`), decoded with Q, no mask (all ones)."""
     z0 = model.encode_image(image)
-    inversion = invert(model, latents=z0, strength=s.strength, steps=s.steps, progress=False)
-    ones = torch.ones(1, 1, *z0.shape[-2:])
-    result = edit(model, inversion, ones, target, negative_prompt=s.negative_prompt(source), guidance=s.guidance,
-                  generator=torch.Generator().manual_seed(seed), output_type="pt", progress=False)
-    return to_uint8(result.images)[0], None
+    generator = torch.Generator().manual_seed(seed)
+    noised = noise_inversion(model, z0, strength=s.strength, steps=s.steps, generator=generator)
+    return _unmasked_edit(model, noised, source, target, s, seed), None
 
 
 def run_encode_decode(model, image, source, target, s: Settings, seed: int):
+    """Encode-decode without mask (paper Fig. 6): the DDIM encoding to r as DiffEdit's, decoded with Q, no mask."""
+    inversion = invert(model, latents=model.encode_image(image), strength=s.strength, steps=s.steps, progress=False)
+    return _unmasked_edit(model, inversion, source, target, s, seed), None
+
+
+def _unmasked_edit(model: StableDiffusion, inversion: Inversion, source: str, target: str, s: Settings,
+                   seed: int) -> np.ndarray:
+    ones = torch.ones(1, 1, *inversion.z0.shape[-2:])  # the blend keeps nothing of the input's levels
+    result = edit(model, inversion, ones, target, negative_prompt=s.negative_prompt(source), guidance=s.guidance,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt", progress=False)
+    return to_uint8(result.images)[0]
+
+
+def run_reconstruction(model, image, source, target, s: Settings, seed: int):
     """The null edit: the VAE reconstruction of the input (no diffusion at all)."""
     return _reconstruction(model, image), None
 
@@ -177,6 +190,7 @@ def evaluate(
         "diffedit_compat": lambda *a: run_diffedit(*a, compat=True),
         "sdedit": run_sdedit,
         "encode_decode": run_encode_decode,
+        "reconstruction": run_reconstruction,
     }
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="diffedit-eval-") as tmp:
