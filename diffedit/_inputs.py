@@ -92,8 +92,11 @@ def check_edit(
     """edit()'s one check call: the inversion (its levels are returned), the shared arguments, the output."""
     ts = check_inversion(model, inversion)
     check_stage(model, steps=inversion.steps, guidance=guidance, generator=generator, diffusers_compat=diffusers_compat,
-                callback=callback, attention_hook=attention_hook, eta=(eta, 0.0, ">="),
+                callback=callback, attention_hook=attention_hook,
                 num_images_per_prompt=(num_images_per_prompt, 1, "int"))
+    # DDIM eq. 16: eta 0 is DDIM, 1 is DDPM's posterior variance; above 1, sigma_t can exceed sqrt(1 - abar_prev) and
+    # the direction term's square root is of a negative number (NaN pictures).
+    check_number(eta, "eta", low=0.0, high=1.0)
     check_output(output_type, background_image)
     return ts
 

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 
 from . import vae as vae_module
+from ._args import integer, nonempty_path, number
 from .chain import edit_image
 from .edit import Inversion, MaskResult, generate_mask, invert
 from .files import Interrupts, atomic_write, load_inversion, save_inversion
@@ -54,34 +55,6 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-# Value types: a bad value is refused by the parser, naming the flag, before any model is loaded.
-def _integer(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text}")
-        return value
-    return parse
-
-
-def _number(low: float, high: float | None = None, open_low: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        too_low = value <= low if open_low else value < low
-        if not np.isfinite(value) or too_low or (high is not None and value > high):
-            bounds = f"{'>' if open_low else '>='} {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text}")
-        return value
-    return parse
-
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -90,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, out_help: str) -> None:
-        p.add_argument("--out", required=True, type=Path, help=out_help)
-        p.add_argument("--seed", type=_integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
-        p.add_argument("--steps", type=_integer(1), default=None, help="DDIM steps of the full schedule (default 50)")
+        p.add_argument("--out", required=True, type=nonempty_path, help=out_help)
+        p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
+        p.add_argument("--steps", type=integer(1), default=None, help="DDIM steps of the full schedule (default 50)")
         p.add_argument("--compat", action="store_true", help="reproduce diffusers' pipeline, defects included")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
@@ -103,55 +76,57 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the UNet (CUDA graphs on CUDA); the first call of each shape pays a warm-up")
 
     def inputs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, type=Path, help="a model folder (python -m weights_convert)")
-        p.add_argument("--image", required=True, type=Path, help="the input image")
-        p.add_argument("--max-pixels", type=_integer(0), default=DEFAULT_MAX_PIXELS,
+        p.add_argument("--model", required=True, type=nonempty_path, help="a model folder (python -m weights_convert)")
+        p.add_argument("--image", required=True, type=nonempty_path, help="the input image")
+        p.add_argument("--max-pixels", type=integer(0), default=DEFAULT_MAX_PIXELS,
                        help=f"refuse larger inputs (default {DEFAULT_MAX_PIXELS}; 0: no limit)")
 
     def mask_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", required=True, help="prompt R describing the input image")
         p.add_argument("--target", required=True, help="prompt Q describing the wanted edit")
-        p.add_argument("--mask-strength", type=_number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
-        p.add_argument("--guidance", type=_number(1), default=7.5,
+        p.add_argument("--mask-strength", type=number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
+        p.add_argument("--guidance", type=number(1), default=7.5,
                        help="classifier-free guidance of mask and edit (7.5)")
-        p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0,
+        p.add_argument("--threshold", type=number(0, open_low=True), default=3.0,
                        help="mask threshold ratio rho (3.0)")
-        p.add_argument("--num-maps", type=_integer(1), default=10, help="noise samples averaged into the mask (10)")
+        p.add_argument("--num-maps", type=integer(1), default=10, help="noise samples averaged into the mask (10)")
 
     p = commands.add_parser("edit", help="mask, invert and edit an image")
     inputs(p)
     mask_options(p)
     common(p, "the edited image")
-    p.add_argument("--strength", type=_number(0, 1), default=None, help="encoding ratio r of the inversion (0.8)")
-    p.add_argument("--invert-guidance", type=_number(1), default=1.0,
+    p.add_argument("--strength", type=number(0, 1), default=None, help="encoding ratio r of the inversion (0.8)")
+    p.add_argument("--invert-guidance", type=number(1), default=1.0,
                    help="guidance of the inversion (1: unconditional)")
     p.add_argument("--negative", default=None, help="negative prompt of the edit (default: the source prompt)")
-    p.add_argument("--eta", type=_number(0), default=0.0, help="DDIM eta of the edit (0: deterministic)")
+    p.add_argument("--eta", type=number(0, 1), default=0.0, help="DDIM eta of the edit (0: deterministic)")
     p.add_argument("--paste-background", action="store_true",
                    help="outside the mask, the input's own pixels instead of the decoder's (not in the paper)")
-    p.add_argument("--inversion", type=Path, default=None, help="an inversion file written by `diffedit invert`")
+    p.add_argument("--inversion", type=nonempty_path, default=None,
+                   help="an inversion file written by `diffedit invert`")
     p.add_argument("--ignore-inversion-source", action="store_true",
                    help="use --inversion even if it was made from another image, model or mode")
-    p.add_argument("--mask-out", type=Path, default=None, help="also write the mask (image resolution)")
-    p.add_argument("--figure", type=Path, default=None, help="also write input | mask overlay | edit")
+    p.add_argument("--mask-out", type=nonempty_path, default=None, help="also write the mask (image resolution)")
+    p.add_argument("--figure", type=nonempty_path, default=None, help="also write input | mask overlay | edit")
 
     p = commands.add_parser("mask", help="write the DiffEdit mask of an image")
     inputs(p)
     mask_options(p)
     common(p, "the mask image (white = edit)")
-    p.add_argument("--figure", type=Path, default=None, help="also write input | mask overlay")
+    p.add_argument("--figure", type=nonempty_path, default=None, help="also write input | mask overlay")
 
     p = commands.add_parser("invert", help="DDIM-encode an image to a file that `edit --inversion` reads")
     inputs(p)
     common(p, "the inversion file (.safetensors)")
     p.add_argument("--prompt", default="", help="prompt of the inversion (default: unconditional)")
-    p.add_argument("--strength", type=_number(0, 1), default=None, help="encoding ratio r (0.8)")
-    p.add_argument("--guidance", type=_number(1), default=1.0, help="guidance of the inversion (1: none)")
+    p.add_argument("--strength", type=number(0, 1), default=None, help="encoding ratio r (0.8)")
+    p.add_argument("--guidance", type=number(1), default=1.0, help="guidance of the inversion (1: none)")
 
-    p = commands.add_parser("demo", help="edit a shapes-world picture with the shipped toy model (offline, ~10 s)")
-    p.add_argument("--out", type=Path, default=Path("diffedit-demo"), help="output folder (diffedit-demo)")
-    p.add_argument("--model", type=Path, default=None, help="a toy model folder (default: the shipped weights)")
-    p.add_argument("--seed", type=_integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
+    p = commands.add_parser("demo", help="edit a shapes-world picture with the shipped toy model (offline, ~5 s)")
+    p.add_argument("--out", type=nonempty_path, default=Path("diffedit-demo"), help="output folder (diffedit-demo)")
+    p.add_argument("--model", type=nonempty_path, default=None,
+                   help="a toy model folder (default: the shipped weights)")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of every random draw (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no messages")
 
@@ -159,24 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     toy_evaluate.add_arguments(p)
 
     p = commands.add_parser("run", help="DiffEdit over a dataset (JSONL manifest or PIE-Bench), torchrun-sharded")
-    p.add_argument("manifest", nargs="?", type=Path, default=None,
+    p.add_argument("manifest", nargs="?", type=nonempty_path, default=None,
                    help="a JSONL manifest: one edit a line, {id, image, source, target[, mask, gt_mask, seed, ...]}")
-    p.add_argument("--pie-bench", type=Path, default=None, help="a PIE-Bench folder (mapping_file.json + "
+    p.add_argument("--pie-bench", type=nonempty_path, default=None, help="a PIE-Bench folder (mapping_file.json + "
                    "annotation_images/) instead of a manifest")
-    p.add_argument("--model", required=True, type=Path, help="a model folder (python -m weights_convert)")
-    p.add_argument("--max-pixels", type=_integer(0), default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--model", required=True, type=nonempty_path, help="a model folder (python -m weights_convert)")
+    p.add_argument("--max-pixels", type=integer(0), default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger inputs (default {DEFAULT_MAX_PIXELS}; 0: no limit)")
-    p.add_argument("--mask-strength", type=_number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
-    p.add_argument("--guidance", type=_number(1), default=7.5, help="classifier-free guidance of mask and edit (7.5)")
-    p.add_argument("--threshold", type=_number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
-    p.add_argument("--num-maps", type=_integer(1), default=10, help="noise samples averaged into the mask (10)")
+    p.add_argument("--mask-strength", type=number(0, 1), default=0.5, help="noise level of the mask maps (0.5)")
+    p.add_argument("--guidance", type=number(1), default=7.5, help="classifier-free guidance of mask and edit (7.5)")
+    p.add_argument("--threshold", type=number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
+    p.add_argument("--num-maps", type=integer(1), default=10, help="noise samples averaged into the mask (10)")
     common(p, "the run folder: items/<id>.{edit.png,mask.png,json}, run.json, summary.{json,md}, contact_sheet.png")
-    p.add_argument("--strength", type=_number(0, 1), default=0.8, help="encoding ratio r of the inversion (0.8)")
-    p.add_argument("--invert-guidance", type=_number(1), default=1.0, help="guidance of the inversion (1)")
+    p.add_argument("--strength", type=number(0, 1), default=0.8, help="encoding ratio r of the inversion (0.8)")
+    p.add_argument("--invert-guidance", type=number(1), default=1.0, help="guidance of the inversion (1)")
     p.add_argument("--negative", default=None, help="negative prompt of the edit (default: the source prompt)")
-    p.add_argument("--eta", type=_number(0), default=0.0, help="DDIM eta of the edit (0: deterministic)")
+    p.add_argument("--eta", type=number(0, 1), default=0.0, help="DDIM eta of the edit (0: deterministic)")
     p.add_argument("--paste-background", action="store_true", help="outside the mask, the input's own pixels")
-    p.add_argument("--batch-size", type=_integer(1), default=1,
+    p.add_argument("--batch-size", type=integer(1), default=1,
                    help="items edited in one call per rank (default 1: the bits of `diffedit edit`; more may change "
                         "the last bits)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its recorded settings")
@@ -239,7 +214,7 @@ def _fail(error: BaseException) -> int:
 
 # ---- commands (generators of the lines to print) ------------------------------------------------------------
 def _edit(args: argparse.Namespace):
-    _check_outputs(args, images={args.out: "RGB", args.mask_out: "L", args.figure: "RGB"},
+    _check_outputs(args, images=[(args.out, "RGB"), (args.mask_out, "L"), (args.figure, "RGB")],
                    inputs=[args.image, args.inversion])
     inversion, made_from = (None, {}) if args.inversion is None else load_inversion(args.inversion)
     if inversion is not None:
@@ -259,12 +234,15 @@ def _edit(args: argparse.Namespace):
                         eta=args.eta, inversion=inversion, paste_background=args.paste_background,
                         diffusers_compat=args.compat, progress=not args.quiet)
     edited, mask = result.edit.images[0], result.mask
+    if not mask.latent_mask.any():
+        warnings.warn("the mask is empty (the prompts' noise estimates nowhere differ beyond --threshold): the output "
+                      "is the input's reconstruction, not an edit")
     yield from _save({args.out: edited, args.mask_out: mask.image_mask[0],
                       args.figure: lambda: _figure(image, mask, edited)})
 
 
 def _mask(args: argparse.Namespace):
-    _check_outputs(args, images={args.out: "L", args.figure: "RGB"}, inputs=[args.image])
+    _check_outputs(args, images=[(args.out, "L"), (args.figure, "RGB")], inputs=[args.image])
     steps = args.steps or 50
     _check_levels(steps, **{"--mask-strength": args.mask_strength})
     image, model = _load_inputs(args)
@@ -296,7 +274,7 @@ def _demo(args: argparse.Namespace):
     from .toy.world import Background, Obj, Scene, edit_object, render
 
     files = {name: args.out / f"{name}.png" for name in ("input", "mask", "edit", "figure")}
-    _check_outputs(args, images={path: "RGB" for path in files.values()})
+    _check_outputs(args, images=[(path, "RGB") for path in files.values()])
     try:
         model = load(args.model) if args.model is not None else load_toy_model()
     except FileNotFoundError:
@@ -337,7 +315,7 @@ def _demo(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> list[str]:
     """The toy benchmark (diffedit/toy/evaluate.py); its table is the result, printed even with --quiet."""
-    _check_outputs(args, images={toy_evaluate.sheet_path(args): "RGB"}, files=[args.out])
+    _check_outputs(args, images=[(toy_evaluate.sheet_path(args), "RGB")], files=[args.out])
     for line in toy_evaluate.run(args):
         print(line)
     return []
@@ -391,14 +369,15 @@ def _smoke_demo(args: argparse.Namespace, files: dict[str, Path]):
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-def _check_outputs(args: argparse.Namespace, images: dict[Path | None, str] | None = None,
+def _check_outputs(args: argparse.Namespace, images: list[tuple[Path | None, str]] = (),
                    files: list[Path | None] = (), inputs: list[Path | None] = ()) -> None:
-    """Fail before any work if an output exists (without --force), repeats, is an input, has a parent that is a
-    file, or is an image whose format (from its extension) cannot hold the picture (`images` maps path -> mode)."""
-    images = {p: mode for p, mode in (images or {}).items() if p is not None}
-    given = list(images) + [p for p in files if p is not None]
+    """Fail before any work if an output exists (without --force), repeats, is an input, cannot be created, or is
+    an image whose format (from its extension) cannot hold the picture (`images`: (path, mode) pairs)."""
+    images = [(p, mode) for p, mode in images if p is not None]  # pairs, not a dict: a repeated path stays visible
+    given = [p for p, _ in images] + [p for p in files if p is not None]
     if len({p.resolve() for p in given}) != len(given):
-        raise UserError("two outputs have the same path")
+        repeated = next(p for i, p in enumerate(given) if p.resolve() in {q.resolve() for q in given[:i]})
+        raise UserError(f"two outputs have the same path ({repeated}): one would overwrite the other")
     model = getattr(args, "model", None)
     protected = {p.resolve() for p in inputs if p is not None}
     for path in given:
@@ -415,7 +394,11 @@ def _check_outputs(args: argparse.Namespace, images: dict[Path | None, str] | No
             raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
         if not os.access(parent, os.W_OK):
             raise UserError(f"cannot write {path}: {parent} is not writable")
-    for path, mode in images.items():
+        try:  # a real file: /proc, /sys, full or read-only mounts pass os.access but refuse one
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {parent} does not take new files ({e.strerror})") from None
+    for path, mode in images:
         _check_image_format(path, mode)
 
 

@@ -91,7 +91,8 @@ def _round_size(images: Tensor, multiple: int) -> Tensor:
     new_h, new_w = max(multiple, h - h % multiple), max(multiple, w - w % multiple)
     if (new_h, new_w) == (h, w):
         return images
-    warnings.warn(f"image size {h}x{w} is not a multiple of {multiple}: resized to {new_h}x{new_w}", stacklevel=3)
+    warnings.warn(f"image size {w} x {h} (width x height) is not a multiple of {multiple}: resized to "
+                  f"{new_w} x {new_h}", stacklevel=3)
     return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 

@@ -78,6 +78,8 @@ def check_rle(rle: object) -> str | None:
 def read_mapping(folder: Path) -> list[tuple[str, object]]:
     """The (key, record) pairs of `folder`/mapping_file.json in file order; one line naming the file if unreadable."""
     path = folder / MAPPING_FILE
+    if not folder.is_dir():
+        raise ValueError(f"--pie-bench {folder}: " + ("not a folder" if folder.exists() else "does not exist"))
     if not (folder / IMAGES).is_dir() or not path.is_file():
         raise ValueError(f"--pie-bench {folder}: a PIE-Bench folder holds {MAPPING_FILE} and {IMAGES}/")
     try:

@@ -171,7 +171,7 @@ def _setting(name: str, value: object, where: str) -> Any:
     if not number or (kind is int and not isinstance(value, int)) or not math.isfinite(value):
         raise RunError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     low, high = {"steps": (1, None), "num_maps": (1, None), "mask_strength": (0, 1), "threshold": (0, None),
-                 "guidance": (1, None), "strength": (0, 1), "invert_guidance": (1, None), "eta": (0, None)}[name]
+                 "guidance": (1, None), "strength": (0, 1), "invert_guidance": (1, None), "eta": (0, 1)}[name]
     if value < low or (high is not None and value > high) or (name == "threshold" and value == 0):
         raise RunError(f"{where}: {name} {value} is out of range")
     return kind(value)
@@ -206,14 +206,17 @@ def _check_mask(path: Path, size: tuple[int, int], what: str, where: str) -> Non
         raise RunError(f"{where}: mask {path} must hold only 0 and 255 (white = edit)")
 
 
+JSONL = "a manifest is JSON Lines: one object per line"
+
+
 def parse_line(text: str, where: str, root: Path, options: RunOptions, seen: dict[str, str]) -> Item:
     """One manifest line -> Item, every file opened and checked; RunError naming the line otherwise."""
     try:
         entry = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RunError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise RunError(f"{where}: not valid JSON ({e.msg} at column {e.colno}; {JSONL})") from None
     if not isinstance(entry, dict):
-        raise RunError(f"{where}: must be a JSON object, got {type(entry).__name__}")
+        raise RunError(f"{where}: must be a JSON object, got {type(entry).__name__} ({JSONL})")
     unknown = sorted(set(entry) - set(ITEM_FIELDS))
     if unknown:
         raise RunError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(ITEM_FIELDS)})")
@@ -221,7 +224,8 @@ def parse_line(text: str, where: str, root: Path, options: RunOptions, seen: dic
     for field in ("image", "source", "target"):
         if not isinstance(entry.get(field), str) or not entry[field].strip():
             what = "prompt" if field != "image" else "image path"
-            raise RunError(f"{where}: missing {what} {field!r} (a non-empty string)")
+            got = "" if entry.get(field) is None else f", got {entry[field]!r}"
+            raise RunError(f"{where}: missing {what} {field!r} (a non-empty string{got})")
     seed = entry.get("seed", item_seed(options.seed, item_id))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise RunError(f"{where}: seed must be an integer in [0, 2**63 - 1], got {seed!r}")
@@ -250,7 +254,7 @@ def read_manifest(path: Path, options: RunOptions) -> list[Item]:
     if not path.is_file():
         raise RunError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Windows editors) goes
     except (OSError, UnicodeDecodeError) as e:
         raise RunError(f"manifest {path}: not readable: {' '.join(str(e).split())}") from None
     seen: dict[str, str] = {}

@@ -55,7 +55,8 @@ def check_state_dict(given: dict[str, Tensor], expected: dict[str, torch.Size], 
             if items:
                 more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
                 parts.append(f"  {len(items)} {label}: {', '.join(items[:20])}{more}")
-        raise ValueError("\n".join(parts))
+        # one line in the CLI (whitespace folded): ';' between the lists
+        raise ValueError(parts[0] + "\n" + ";\n".join(parts[1:]))
 
 
 def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:

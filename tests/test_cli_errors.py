@@ -43,7 +43,8 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
 BAD_VALUES = {  # (extra arguments, words of the message); all refused by the parser or before loading
     "steps 0": (["--steps", "0"], ["--steps", "must be an integer >= 1, got 0"]),
     "strength": (["--strength", "1.5"], ["--strength", "must be a number in [0, 1], got 1.5"]),
-    "eta": (["--eta", "-1"], ["--eta", "must be a number >= 0, got -1"]),
+    "eta": (["--eta", "-1"], ["--eta", "must be a number in [0, 1], got -1"]),
+    "eta above 1": (["--eta", "5"], ["--eta", "must be a number in [0, 1], got 5"]),  # DDIM's sigma: NaN pictures
     "threshold": (["--threshold", "0"], ["--threshold", "must be a number > 0"]),
     "guidance": (["--guidance", "0.5"], ["--guidance", "must be a number >= 1"]),
     "num maps": (["--num-maps", "0"], ["--num-maps"]),
@@ -91,12 +92,18 @@ def test_bad_outputs_are_refused_before_any_work(files, tmp_path, capsys, monkey
         "dangling symlink": ([tmp_path / "dangling.png"], "exists; pass --force"),
         "inside the model": ([files["model"] / "o.png"], "inside the model folder"),
         "unknown extension": ([tmp_path / "o.abc"], "cannot tell the image format"),
+        "edit and mask on one path": ([tmp_path / "o.png", "--mask-out", tmp_path / "o.png"],
+                                      "two outputs have the same path"),
+        "figure and mask on one path": ([tmp_path / "o.png", "--mask-out", tmp_path / "f.png", "--figure",
+                                         tmp_path / "f.png"], "two outputs have the same path"),
+        "empty --out": ([""], "--out: is empty"),
     }
     before = sorted(p.name for p in root.iterdir())
     for name, (out, words) in cases.items():
         assert main(edit_args(files, "--out", *out)) == 2, name
         one_line_error(capsys, words)
     assert sorted(p.name for p in root.iterdir()) == before and not (tmp_path / "nowhere.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.png"]
     assert main(["invert", "--model", str(files["model"]), "--image", str(files["image"]), "--quiet",
                  "--out", str(tmp_path / "x.png")]) == 2
     one_line_error(capsys, "--out", "an inversion file is written as .safetensors")
@@ -287,3 +294,41 @@ def test_quiet_also_silences_the_vae_bar(files, tmp_path, capsys, monkeypatch) -
     assert "VAE encode" in capsys.readouterr().err
     assert main(edit_args(files, "--out", tmp_path / "quiet.png")) == 0
     assert capsys.readouterr().err == "" and vae.PROGRESS_PIXELS == 0  # and the setting is put back
+
+
+def test_a_folder_that_refuses_new_files_is_refused_before_any_work(files, tmp_path, capsys, monkeypatch) -> None:
+    """/proc, /sys, a full or read-only mount: os.access says yes (as root, always), the file cannot be made."""
+    import tempfile
+
+    def refuse(*a, **kw):
+        raise OSError(30, "Read-only file system")
+
+    no_model_load(monkeypatch)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert main(edit_args(files, "--out", tmp_path / "o.png")) == 2
+    one_line_error(capsys, f"cannot write {tmp_path / 'o.png'}", "does not take new files (Read-only file system)")
+
+
+def test_an_empty_mask_is_said(files, tmp_path, capsys) -> None:
+    """The same prompt twice: no difference, no mask; the edit is then the reconstruction, and the command says so."""
+    args = ["edit", "--model", str(files["model"]), "--image", str(files["image"]), "--source", "a red square",
+            "--target", "a red square", *FAST, "--out", str(tmp_path / "o.png"), "--quiet"]
+    assert main(args) == 0
+    assert "diffedit: warning: the mask is empty" in capsys.readouterr().err
+    assert (tmp_path / "o.png").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--steps", "0"], ["--steps", "must be an integer >= 1, got 0"]),
+    (["--count", "0"], ["--count", "must be an integer >= 1, got 0"]),
+    (["--sheet-count", "-1"], ["--sheet-count", "must be an integer >= 0, got -1"]),
+    (["--guidance", "0.5"], ["--guidance", "must be a number >= 1, got 0.5"]),
+    (["--out", ""], ["--out", "is empty"]),
+])
+def test_eval_refuses_bad_values_naming_the_flag_before_loading(tmp_path, capsys, monkeypatch, extra, words) -> None:
+    from diffedit import toy
+
+    monkeypatch.setattr(toy, "load_toy_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert main(["eval", "--out", str(tmp_path / "r.json"), *extra]) == 2
+    one_line_error(capsys, *words)
+    assert not list(tmp_path.iterdir())

@@ -216,6 +216,8 @@ BAD_LINES = {  # the second line of a two-line manifest -> words of the message
     "unreadable image": ({**good_line(1), "image": "truncated.png"}, ["line 2", "not a readable picture"]),
     "missing prompt": ({k: v for k, v in good_line(1).items() if k != "target"}, ["line 2", "missing prompt 'target'"]),
     "empty prompt": ({**good_line(1), "source": "  "}, ["line 2", "missing prompt 'source'"]),
+    "prompt not a string": ({**good_line(1), "source": 5}, ["line 2", "prompt 'source' (a non-empty string, got 5)"]),
+    "a JSON array": ([good_line(1)], ["line 2", "must be a JSON object, got list", "JSON Lines: one object per line"]),
     "duplicate id": ({**good_line(1), "id": "E00"}, ["line 2", "duplicate id 'E00'", "line 1"]),
     "mask of another size": ({**good_line(1), "mask": "small.png"}, ["line 2", "mask", "32 x 32, the image 64 x 64"]),
     "gt mask of another size": ({**good_line(1), "gt_mask": "small.png"}, ["line 2", "gt_mask", "32 x 32"]),
@@ -246,6 +248,22 @@ def test_each_bad_input_is_one_line_naming_the_manifest_line_and_nothing_is_writ
     assert len(err) == 1 and err[0].startswith("diffedit: error:"), err
     assert all(w in err[0] for w in [str(tmp_path / "m.jsonl"), *words]), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out/, nothing else
+
+
+def test_a_byte_order_mark_does_not_break_the_first_line(manifest, tmp_path, capsys, monkeypatch) -> None:
+    """Windows editors start UTF-8 files with U+FEFF: line 1 still parses, so the error is line 2's."""
+    monkeypatch.setattr(run_module, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
+    shutil.copy(manifest.parent / "e00.png", tmp_path / "e00.png")
+    (tmp_path / "m.jsonl").write_text("\ufeff" + json.dumps(good_line(0)) + "\n{\n", encoding="utf-8")
+    assert main(["run", "--model", str(WEIGHTS), "--out", str(tmp_path / "out"), str(tmp_path / "m.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: not valid JSON" in err and "line 1" not in err, err
+
+
+def test_a_missing_pie_bench_folder_is_said_so(tmp_path, capsys) -> None:
+    assert main(["run", "--model", str(WEIGHTS), "--out", str(tmp_path / "out"), "--pie-bench",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "--pie-bench" in (err := capsys.readouterr().err) and "nowhere: does not exist" in err, err
 
 
 # ---- PIE-Bench ---------------------------------------------------------------------------------------------------

@@ -492,3 +492,16 @@ def test_missing_layouts_fail_in_ci_and_skip_elsewhere(tmp_path: Path, monkeypat
         _reference.require_layouts()
     assert str(info.value.msg) == (f"no weights layouts at {tmp_path / 'shared' / 'weights_layouts'} "
                                    "(the project's shared folder beside the checkout)")
+
+
+def test_a_folder_of_neither_layout_and_a_file_that_is_no_checkpoint_say_what_they_are(tmp_path: Path,
+                                                                                          capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    expected = (f"error: {tmp_path / 'empty'}: a folder, but neither a diffedit model (no model.json) nor a "
+                "diffusers-format one (no model_index.json, no unet/)\n")
+    assert run_cli([str(tmp_path / "empty"), str(tmp_path / "out")], capsys) == (2, expected)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    code, err = run_cli([str(tmp_path / "notes.ckpt"), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'notes.ckpt'}: cannot read it as a PyTorch checkpoint (corrupt, truncated or not one" in err
+    assert not (tmp_path / "out").exists()

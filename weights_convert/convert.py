@@ -171,7 +171,8 @@ def locate(src: str) -> tuple[str, Path]:
             return "diffedit", path
         if (path / "model_index.json").is_file() or (path / "unet").is_dir():
             return "diffusers", path
-        raise ConversionError(f"{src}: a folder, but neither a diffusers-format model (no model_index.json, no unet/)")
+        raise ConversionError(f"{src}: a folder, but neither a diffedit model (no {CONFIG_FILE}) nor a "
+                              "diffusers-format one (no model_index.json, no unet/)")
     if path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             expected = ", ".join(SINGLE_FILE_SUFFIXES)
@@ -205,6 +206,9 @@ def read_tensors(path: Path, quiet: bool = False, label: str | None = None) -> d
         reason = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
         raise ConversionError("\n".join(lines[:2] + reason[:1])) from e
     except Exception as e:  # a truncated or corrupt file: safetensors / torch raise their own types
+        if path.suffix != ".safetensors":  # the unpickler's own errors (KeyError: 174812789) say nothing to a user
+            raise ConversionError(f"{path}: cannot read it as a PyTorch checkpoint (corrupt, truncated or not one: "
+                                  f"{type(e).__name__}: {e})") from e
         raise ConversionError(f"{path}: cannot read it: {type(e).__name__}: {e}") from e
 
 

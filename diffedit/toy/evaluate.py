@@ -31,6 +31,7 @@ The JSON has every edit's numbers; a contact sheet (`--sheet`, default beside th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from diffedit._args import integer, nonempty_path, number
 from diffedit.chain import edit_image
 from diffedit.edit import Inversion, edit, invert, noise_inversion
 from diffedit.files import atomic_write, atomic_write_text
@@ -126,29 +128,48 @@ def _reconstruction(model: StableDiffusion, image: torch.Tensor) -> np.ndarray:
     return to_uint8(model.decode_latents(model.encode_image(image)))[0]
 
 
+@contextlib.contextmanager
+def _libraries_quiet():
+    """transformers' and diffusers' loggers at errors only and their progress bars off, as they were after."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [transformers_logging]
+    try:
+        from diffusers.utils import logging as diffusers_logging  # imports transformers: after its logger is quiet
+
+        loggers.append(diffusers_logging)
+    except ImportError:
+        pass
+    saved = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in loggers]
+    for log in loggers:
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log, verbosity, bars in saved:
+            log.set_verbosity(verbosity)
+            if bars:
+                log.enable_progress_bar()
+
+
 class DiffusersRunner:
     """diffusers' StableDiffusionDiffEditPipeline on our weights, exported with `python -m weights_convert
     FOLDER OUT --to diffusers` and loaded with `from_pretrained`. diffusers is imported here only."""
 
     def __init__(self, model_dir: Path, workdir: Path) -> None:
-        from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
-        from diffusers.utils import logging
-
         out = workdir / "diffusers"
         subprocess.run([sys.executable, "-m", "weights_convert", str(model_dir), str(out), "--to", "diffusers",
                         "--dtype", "fp32", "--quiet"], check=True)
-        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-        logging.set_verbosity_error()  # no loading bars, no deprecation notice (the pipeline is frozen since 0.33)
-        logging.disable_progress_bar()
-        try:
+        # no loading bars, no deprecation notice (the pipeline is frozen since 0.33), no transformers notes about
+        # image processors the pipeline never uses: the table is what this command prints
+        with _libraries_quiet():
+            from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
+
             self.pipe = StableDiffusionDiffEditPipeline.from_pretrained(
                 out, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                 inverse_scheduler=DDIMInverseScheduler.from_pretrained(out, subfolder="scheduler"),
             )
-        finally:
-            logging.set_verbosity(verbosity)
-            if bars:
-                logging.enable_progress_bar()
         self.pipe.set_progress_bar_config(disable=True)
 
     def __call__(self, model, image, source, target, s: Settings, seed: int):
@@ -327,25 +348,27 @@ def format_table(results: dict[str, Any]) -> str:
 
 # ---- command line (also `diffedit eval`) --------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("results.json"), help="the JSON results (results.json)")
-    p.add_argument("--model", type=Path, default=None, help="a toy model folder (default: the shipped weights)")
-    p.add_argument("--count", type=int, default=32, help="held-out edits, colour and shape alternating (32)")
-    p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most (3)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--out", type=nonempty_path, default=Path("results.json"), help="the JSON results (results.json)")
+    p.add_argument("--model", type=nonempty_path, default=None,
+                   help="a toy model folder (default: the shipped weights)")
+    p.add_argument("--count", type=integer(1), default=32, help="held-out edits, colour and shape alternating (32)")
+    p.add_argument("--max-objects", type=integer(1), default=3, help="objects per scene, at most (3)")
+    p.add_argument("--steps", type=integer(1), default=50, help="DDIM steps (50)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help=f"any of {', '.join(METHODS)} (all)")
-    p.add_argument("--num-maps", type=int, default=10, help="noise samples of the mask (10)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance of mask and edit (7.5)")
-    p.add_argument("--threshold", type=float, default=3.0, help="mask threshold ratio rho (3.0)")
+    p.add_argument("--num-maps", type=integer(1), default=10, help="noise samples of the mask (10)")
+    p.add_argument("--guidance", type=number(1), default=7.5, help="guidance of mask and edit (7.5)")
+    p.add_argument("--threshold", type=number(0, open_low=True), default=3.0, help="mask threshold ratio rho (3.0)")
     p.add_argument("--negative", choices=("source", "empty"), default="source",
                    help="negative prompt of the edit: the source caption (DESIGN.md's recipe) or empty (source)")
     p.add_argument("--paste-background", action="store_true",
                    help="our DiffEdit rows (not SDEdit's, not diffusers') paste the input outside the mask")
-    p.add_argument("--seed", type=int, default=0, help="edit i uses seed + i (0)")
-    p.add_argument("--sheet", type=Path, default=None,
+    p.add_argument("--seed", type=integer(0, 2**62), default=0, help="edit i uses seed + i (0)")
+    p.add_argument("--sheet", type=nonempty_path, default=None,
                    help="the edits as pictures (input | target | each method's mask and edit); default: --out "
                         "with .png")
-    p.add_argument("--sheet-count", type=int, default=16, help="edits on the sheet, the first ones (16; 0: none)")
+    p.add_argument("--sheet-count", type=integer(0), default=16,
+                   help="edits on the sheet, the first ones (16; 0: none)")
     p.add_argument("--force", action="store_true", help="overwrite --out and --sheet")
     p.add_argument("--quiet", action="store_true", help="print the table only")
 
@@ -373,8 +396,6 @@ def run(args: argparse.Namespace):
     from diffedit.model import load
     from diffedit.toy import WEIGHTS, load_toy_model
 
-    if args.count < 1 or args.max_objects < 1 or args.sheet_count < 0:
-        raise ValueError("--count and --max-objects must be >= 1, --sheet-count >= 0")
     sheet = sheet_path(args)
     if sheet is not None and sheet.resolve() == args.out.resolve():
         raise ValueError(f"--sheet and --out are the same file ({sheet})")
