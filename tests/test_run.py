@@ -410,8 +410,9 @@ def test_a_pie_bench_folder_is_read_run_and_scored(tmp_path, capsys) -> None:
                                              "clip_similarity_target_image_edit_part"}
     table = (out / "summary.md").read_text()
     assert "| 6 change attribute (color) | 2 |" in table and "| 1 change object | 2 |" in table
-    sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.height == 4 * 64 + 3 * 4 and sheet.width == 3 * 64 + 2 * 4  # 4 rows of input | mask | edit
+    with Image.open(out / "contact_sheet.png") as sheet:
+        width, height = sheet.size
+    assert height == 4 * 64 + 3 * 4 and width == 3 * 64 + 2 * 4  # 4 rows of input | mask | edit
 
 
 def test_a_bad_pie_bench_record_is_one_line_naming_it(tmp_path, capsys, monkeypatch) -> None:

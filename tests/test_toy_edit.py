@@ -297,8 +297,9 @@ def test_eval_command_writes_results_comparisons_and_sheet(tmp_path, capsys) -> 
     for ours, theirs in zip(results["edits"]["diffedit_compat"], results["edits"]["diffusers"]):
         assert ours["mask_iou"] == theirs["mask_iou"]
         assert ours["psnr_background_input"] == pytest.approx(theirs["psnr_background_input"], abs=0.05)
-    sheet = Image.open(tmp_path / "r.png")
-    assert sheet.size == (9 * 132 - 4, 14 + 2 * 132)  # input, target, 3 methods with a mask (x2), encode_decode
+    with Image.open(tmp_path / "r.png") as sheet:
+        size = sheet.size
+    assert size == (9 * 132 - 4, 14 + 2 * 132)  # input, target, 3 methods with a mask (x2), encode_decode
     assert main(args) != 0  # the files exist: nothing is overwritten without --force
     assert "exists" in capsys.readouterr().err
 
