@@ -31,7 +31,8 @@ def number(low: float, high: float | None = None, open_low: bool = False) -> Cal
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
         too_low = value <= low if open_low else value < low
         if not np.isfinite(value) or too_low or (high is not None and value > high):
-            bounds = f"{'>' if open_low else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            opening = "(" if open_low else "["
+            bounds = f"{'>' if open_low else '>='} {low}" if high is None else f"in {opening}{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text}")
         return value
     return parse

@@ -234,9 +234,7 @@ def _edit(args: argparse.Namespace):
                         eta=args.eta, inversion=inversion, paste_background=args.paste_background,
                         diffusers_compat=args.compat, progress=not args.quiet)
     edited, mask = result.edit.images[0], result.mask
-    if not mask.latent_mask.any():
-        warnings.warn("the mask is empty (the prompts' noise estimates nowhere differ beyond --threshold): the output "
-                      "is the input's reconstruction, not an edit")
+    _warn_if_empty(mask, "the output is the input's reconstruction, not an edit")
     yield from _save({args.out: edited, args.mask_out: mask.image_mask[0],
                       args.figure: lambda: _figure(image, mask, edited)})
 
@@ -251,6 +249,7 @@ def _mask(args: argparse.Namespace):
                          guidance=args.guidance, generator=_generator(args.seed), diffusers_compat=args.compat,
                          progress=not args.quiet)
     covered = mask.latent_mask.mean().item()
+    _warn_if_empty(mask, "an edit with it would be the input's reconstruction")
     yield from _save({args.out: mask.image_mask[0], args.figure: lambda: _figure(image, mask)})
     yield f"the mask covers {covered:.0%} of the image"
 
@@ -315,7 +314,7 @@ def _demo(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> list[str]:
     """The toy benchmark (diffedit/toy/evaluate.py); its table is the result, printed even with --quiet."""
-    _check_outputs(args, images=[(toy_evaluate.sheet_path(args), "RGB")], files=[args.out])
+    _check_outputs(args, images=[(toy_evaluate.check_sheet(args), "RGB")], files=[args.out])
     for line in toy_evaluate.run(args):
         print(line)
     return []
@@ -394,10 +393,10 @@ def _check_outputs(args: argparse.Namespace, images: list[tuple[Path | None, str
             raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
         if not os.access(parent, os.W_OK):
             raise UserError(f"cannot write {path}: {parent} is not writable")
-        try:  # a real file: /proc, /sys, full or read-only mounts pass os.access but refuse one
+        try:  # a real file: /proc, /sys or read-only mounts pass os.access (as root, always) but refuse one
             tempfile.TemporaryFile(dir=parent).close()
         except OSError as e:
-            raise UserError(f"cannot write {path}: {parent} does not take new files ({e.strerror})") from None
+            raise UserError(f"cannot write {path}: {parent} does not take new files ({e.strerror or e})") from None
     for path, mode in images:
         _check_image_format(path, mode)
 
@@ -492,6 +491,12 @@ def _check_inversion_source(args: argparse.Namespace, inversion: Inversion, made
         if was[key] != now[key]:
             raise UserError(f"{args.inversion} was made from {description}; pass --ignore-inversion-source to use "
                             "it anyway")
+
+
+def _warn_if_empty(mask: MaskResult, consequence: str) -> None:
+    if not mask.latent_mask.any():
+        warnings.warn(f"the mask is empty (the prompts' noise estimates nowhere differ beyond --threshold): "
+                      f"{consequence}")
 
 
 def _figure(image: torch.Tensor, mask: MaskResult, edited: Image.Image | None = None) -> Image.Image:

@@ -149,8 +149,8 @@ def ddim_step(
     """
     if t_next >= t_cur:
         raise ValueError(f"ddim_step goes down in noise: t_next ({t_next}) must be < t_cur ({t_cur})")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # above 1, sigma_t^2 can exceed 1 - abar_next: the square root below of a negative number
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     abar_cur, abar_next = schedule.abar(t_cur), schedule.abar(t_next)
     x0, eps = to_x0_and_eps(prediction, x, abar_cur, schedule.prediction_type)
     # sigma_t of DDIM eq. 16: eta * sqrt((1 - abar_next) / (1 - abar_cur)) * sqrt(1 - abar_cur / abar_next)

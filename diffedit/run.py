@@ -173,7 +173,8 @@ def _setting(name: str, value: object, where: str) -> Any:
     low, high = {"steps": (1, None), "num_maps": (1, None), "mask_strength": (0, 1), "threshold": (0, None),
                  "guidance": (1, None), "strength": (0, 1), "invert_guidance": (1, None), "eta": (0, 1)}[name]
     if value < low or (high is not None and value > high) or (name == "threshold" and value == 0):
-        raise RunError(f"{where}: {name} {value} is out of range")
+        bounds = f"in [{low}, {high}]" if high is not None else (f"> {low}" if name == "threshold" else f">= {low}")
+        raise RunError(f"{where}: {name} {value} is out of range (it must be {bounds})")
     return kind(value)
 
 
@@ -224,8 +225,9 @@ def parse_line(text: str, where: str, root: Path, options: RunOptions, seen: dic
     for field in ("image", "source", "target"):
         if not isinstance(entry.get(field), str) or not entry[field].strip():
             what = "prompt" if field != "image" else "image path"
-            got = "" if entry.get(field) is None else f", got {entry[field]!r}"
-            raise RunError(f"{where}: missing {what} {field!r} (a non-empty string{got})")
+            if entry.get(field) is None:
+                raise RunError(f"{where}: missing {what} {field!r} (a non-empty string)")
+            raise RunError(f"{where}: {what} {field!r} must be a non-empty string, got {entry[field]!r}")
     seed = entry.get("seed", item_seed(options.seed, item_id))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise RunError(f"{where}: seed must be an integer in [0, 2**63 - 1], got {seed!r}")
@@ -254,7 +256,8 @@ def read_manifest(path: Path, options: RunOptions) -> list[Item]:
     if not path.is_file():
         raise RunError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Windows editors) goes
+        # utf-8-sig: a byte-order mark (Windows editors write one) is dropped
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise RunError(f"manifest {path}: not readable: {' '.join(str(e).split())}") from None
     seen: dict[str, str] = {}

@@ -297,16 +297,22 @@ def test_quiet_also_silences_the_vae_bar(files, tmp_path, capsys, monkeypatch) -
 
 
 def test_a_folder_that_refuses_new_files_is_refused_before_any_work(files, tmp_path, capsys, monkeypatch) -> None:
-    """/proc, /sys, a full or read-only mount: os.access says yes (as root, always), the file cannot be made."""
+    """/proc, /sys, a read-only mount: os.access says yes (as root, always), the file cannot be made. The probe is
+    made where the file will go: the output's folder, or the nearest one that exists (the rest is made by mkdir)."""
     import tempfile
 
-    def refuse(*a, **kw):
+    probed = []
+
+    def refuse(*a, dir=None, **kw):
+        probed.append(Path(dir))
         raise OSError(30, "Read-only file system")
 
     no_model_load(monkeypatch)
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
-    assert main(edit_args(files, "--out", tmp_path / "o.png")) == 2
-    one_line_error(capsys, f"cannot write {tmp_path / 'o.png'}", "does not take new files (Read-only file system)")
+    for out in (tmp_path / "o.png", tmp_path / "new" / "deeper" / "o.png"):
+        assert main(edit_args(files, "--out", out)) == 2
+        one_line_error(capsys, f"cannot write {out}: {tmp_path} does not take new files (Read-only file system)")
+    assert probed == [tmp_path, tmp_path] and not list(tmp_path.iterdir())
 
 
 def test_an_empty_mask_is_said(files, tmp_path, capsys) -> None:
@@ -316,6 +322,8 @@ def test_an_empty_mask_is_said(files, tmp_path, capsys) -> None:
     assert main(args) == 0
     assert "diffedit: warning: the mask is empty" in capsys.readouterr().err
     assert (tmp_path / "o.png").is_file()
+    assert main(["mask", *args[1:args.index("--out")], "--out", str(tmp_path / "m.png"), "--quiet"]) == 0
+    assert "diffedit: warning: the mask is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -331,4 +339,13 @@ def test_eval_refuses_bad_values_naming_the_flag_before_loading(tmp_path, capsys
     monkeypatch.setattr(toy, "load_toy_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     assert main(["eval", "--out", str(tmp_path / "r.json"), *extra]) == 2
     one_line_error(capsys, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_refuses_an_out_that_is_also_the_sheet(tmp_path, capsys, monkeypatch) -> None:
+    from diffedit import toy
+
+    monkeypatch.setattr(toy, "load_toy_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert main(["eval", "--out", str(tmp_path / "r.png")]) == 2
+    one_line_error(capsys, "--out", "is also the contact sheet (by default --out with .png)")
     assert not list(tmp_path.iterdir())

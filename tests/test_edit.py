@@ -361,7 +361,8 @@ def test_images_from_any_format() -> None:
     assert torch.allclose(batch[1], torch.tensor(128 / 255))
     array = np.full((8, 16, 3), 255, np.uint8)
     assert torch.equal(to_tensor(array), torch.ones(1, 3, 8, 16))
-    with pytest.warns(UserWarning, match="multiple of 8"):
+    with pytest.warns(UserWarning, match=r"image size 20 x 13 \(width x height\) is not a multiple of 8: resized to "
+                                         r"16 x 8"):
         assert to_tensor(Image.new("RGB", (20, 13))).shape == (1, 3, 8, 16)
     with pytest.raises(ValueError, match="same size"):
         to_tensor([rgba, Image.new("RGB", (8, 8))])

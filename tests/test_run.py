@@ -215,8 +215,9 @@ BAD_LINES = {  # the second line of a two-line manifest -> words of the message
     "missing image": ({**good_line(1), "image": "nowhere.png"}, ["line 2", "nowhere.png", "does not exist"]),
     "unreadable image": ({**good_line(1), "image": "truncated.png"}, ["line 2", "not a readable picture"]),
     "missing prompt": ({k: v for k, v in good_line(1).items() if k != "target"}, ["line 2", "missing prompt 'target'"]),
-    "empty prompt": ({**good_line(1), "source": "  "}, ["line 2", "missing prompt 'source'"]),
-    "prompt not a string": ({**good_line(1), "source": 5}, ["line 2", "prompt 'source' (a non-empty string, got 5)"]),
+    "empty prompt": ({**good_line(1), "source": "  "}, ["line 2", "prompt 'source' must be a non-empty string"]),
+    "prompt not a string": ({**good_line(1), "source": 5}, ["line 2", "prompt 'source' must be a non-empty string, "
+                                                                      "got 5"]),
     "a JSON array": ([good_line(1)], ["line 2", "must be a JSON object, got list", "JSON Lines: one object per line"]),
     "duplicate id": ({**good_line(1), "id": "E00"}, ["line 2", "duplicate id 'E00'", "line 1"]),
     "mask of another size": ({**good_line(1), "mask": "small.png"}, ["line 2", "mask", "32 x 32, the image 64 x 64"]),
@@ -225,7 +226,8 @@ BAD_LINES = {  # the second line of a two-line manifest -> words of the message
     "bad JSON": ('{"id": "e01", "image": ', ["line 2", "not valid JSON"]),
     "unknown field": ({**good_line(1), "prompt": "x"}, ["line 2", "unknown field 'prompt'"]),
     "bad seed": ({**good_line(1), "seed": -1}, ["line 2", "seed must be an integer"]),
-    "bad setting": ({**good_line(1), "strength": 2}, ["line 2", "strength 2 is out of range"]),
+    "bad setting": ({**good_line(1), "strength": 2}, ["line 2", "strength 2 is out of range (it must be in [0, 1])"]),
+    "eta above 1": ({**good_line(1), "eta": 5}, ["line 2", "eta 5 is out of range (it must be in [0, 1])"]),
 }
 
 

@@ -310,7 +310,8 @@ def test_eval_baselines_are_the_papers(toy) -> None:
     from diffedit.toy.evaluate import Settings, run_encode_decode, run_reconstruction, run_sdedit
 
     pair = heldout_edit_pairs()[0]
-    source, image = render(pair.source)[0], to_tensor(render(pair.source)[0])[None]
+    picture = render(pair.source)[0]
+    image = to_tensor(picture)[None]
     s = Settings(steps=5)
     args = (toy, image, pair.source.caption, pair.target.caption, s)
     sdedit = [run_sdedit(*args, seed)[0] for seed in (0, 1)]
@@ -318,5 +319,5 @@ def test_eval_baselines_are_the_papers(toy) -> None:
     assert not np.array_equal(sdedit[0], sdedit[1]) and np.array_equal(encoded[0], encoded[1])
     assert not np.array_equal(sdedit[0], encoded[0])
     recon = run_reconstruction(*args, 0)[0]
-    assert recon.shape == source.shape and psnr(recon, source) > 25  # the null edit: close to the input everywhere
-    assert psnr(encoded[0], source) < psnr(recon, source)  # ... where an edit with Q changes it
+    assert recon.shape == picture.shape and psnr(recon, picture) > 25  # the null edit: close to the input everywhere
+    assert psnr(encoded[0], picture) < psnr(recon, picture)  # ... where an edit with Q changes it

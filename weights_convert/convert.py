@@ -203,8 +203,10 @@ def read_tensors(path: Path, quiet: bool = False, label: str | None = None) -> d
         if "refused" not in lines[0]:
             raise
         # A code-carrying pickle: our two lines and torch's reason, without torch's advice to unpickle it anyway.
-        reason = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+        reason = [line for line in lines if "Unsupported global" in line]
         raise ConversionError("\n".join(lines[:2] + reason[:1])) from e
+    except OSError as e:  # permissions, a folder named .ckpt, ...: the system's own words
+        raise ConversionError(f"{path}: cannot read it: {type(e).__name__}: {e}") from e
     except Exception as e:  # a truncated or corrupt file: safetensors / torch raise their own types
         if path.suffix != ".safetensors":  # the unpickler's own errors (KeyError: 174812789) say nothing to a user
             raise ConversionError(f"{path}: cannot read it as a PyTorch checkpoint (corrupt, truncated or not one: "

@@ -446,9 +446,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             operand = [line for line in str(e).splitlines() if "Unsupported operand" in line]
-            if operand:  # an opcode no pickle has: not a code-carrying pickle, no pickle at all
-                raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint (corrupt, truncated or not one: "
-                                 f"{operand[0].strip()})") from e
+            if operand:  # an opcode the weights-only unpickler does not know: most often no pickle at all
+                raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint (corrupt, truncated, not one, or "
+                                 f"not a weights-only pickle: {operand[0].strip()})") from e
             raise ValueError(
                 f"{path}: refused to load: the pickle needs more than tensors (it may run code when loaded).\n"
                 f"Only weights-only pickles are read; convert the file to .safetensors with a tool you trust.\n{e}"

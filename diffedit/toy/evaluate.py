@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ from diffedit.toy.metrics import nearest_colour, psnr  # noqa: F401
 from diffedit.toy.world import EditPair, heldout_edit_pairs, render, to_tensor
 
 METHODS = ("diffedit", "diffedit_compat", "sdedit", "encode_decode", "reconstruction", "diffusers")
-WITH_MASK = ("diffedit", "diffedit_compat", "diffusers")
 
 
 # ---- the methods: (model, pair's input, R, Q) -> edited uint8 image and mask (image resolution) or None ----------
@@ -129,13 +128,13 @@ def _reconstruction(model: StableDiffusion, image: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _libraries_quiet():
-    """transformers' and diffusers' loggers at errors only and their progress bars off, as they were after."""
+def _libraries_quiet() -> Iterator[None]:
+    """transformers' and diffusers' loggers at errors only and their progress bars off; restored on exit."""
     from transformers.utils import logging as transformers_logging
 
     loggers = [transformers_logging]
     try:
-        from diffusers.utils import logging as diffusers_logging  # imports transformers: after its logger is quiet
+        from diffusers.utils import logging as diffusers_logging
 
         loggers.append(diffusers_logging)
     except ImportError:
@@ -159,13 +158,14 @@ class DiffusersRunner:
 
     def __init__(self, model_dir: Path, workdir: Path) -> None:
         out = workdir / "diffusers"
-        subprocess.run([sys.executable, "-m", "weights_convert", str(model_dir), str(out), "--to", "diffusers",
-                        "--dtype", "fp32", "--quiet"], check=True)
         # no loading bars, no deprecation notice (the pipeline is frozen since 0.33), no transformers notes about
         # image processors the pipeline never uses: the table is what this command prints
         with _libraries_quiet():
+            # first: without diffusers (ImportError: the row is skipped), nothing is exported
             from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
 
+            subprocess.run([sys.executable, "-m", "weights_convert", str(model_dir), str(out), "--to", "diffusers",
+                            "--dtype", "fp32", "--quiet"], check=True)
             self.pipe = StableDiffusionDiffEditPipeline.from_pretrained(
                 out, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                 inverse_scheduler=DDIMInverseScheduler.from_pretrained(out, subfolder="scheduler"),
@@ -362,8 +362,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", choices=("source", "empty"), default="source",
                    help="negative prompt of the edit: the source caption (DESIGN.md's recipe) or empty (source)")
     p.add_argument("--paste-background", action="store_true",
-                   help="our DiffEdit rows (not SDEdit's, not diffusers') paste the input outside the mask")
-    p.add_argument("--seed", type=integer(0, 2**62), default=0, help="edit i uses seed + i (0)")
+                   help="the diffedit and diffedit_compat rows (no other) paste the input outside the mask")
+    p.add_argument("--seed", type=integer(0, 2**63 - 2**20), default=0,
+                   help="edit i uses seed + i (0; room left for 2**20 edits under torch's int64 seeds)")
     p.add_argument("--sheet", type=nonempty_path, default=None,
                    help="the edits as pictures (input | target | each method's mask and edit); default: --out "
                         "with .png")
@@ -378,6 +379,15 @@ def sheet_path(args: argparse.Namespace) -> Path | None:
     if args.sheet_count == 0:
         return None
     return args.sheet if args.sheet is not None else args.out.with_suffix(".png")
+
+
+def check_sheet(args: argparse.Namespace) -> Path | None:
+    """`sheet_path`, refused where it is --out itself (e.g. --out r.png with the default sheet)."""
+    sheet = sheet_path(args)
+    if sheet is not None and sheet.resolve() == args.out.resolve():
+        why = "--sheet" if args.sheet is not None else "the contact sheet (by default --out with .png)"
+        raise ValueError(f"--out {args.out} is also {why}: give --out a .json name or --sheet another path")
+    return sheet
 
 
 def _finite(value: Any) -> Any:
@@ -396,9 +406,7 @@ def run(args: argparse.Namespace):
     from diffedit.model import load
     from diffedit.toy import WEIGHTS, load_toy_model
 
-    sheet = sheet_path(args)
-    if sheet is not None and sheet.resolve() == args.out.resolve():
-        raise ValueError(f"--sheet and --out are the same file ({sheet})")
+    sheet = check_sheet(args)
     for path in [args.out] + ([sheet] if sheet is not None else []):
         if path.exists() and not args.force:
             raise ValueError(f"{path} exists; pass --force to overwrite it")
@@ -429,8 +437,12 @@ def run(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffedit.toy.evaluate", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    for line in run(parser.parse_args(argv)):
-        print(line)
+    try:
+        for line in run(parser.parse_args(argv)):
+            print(line)
+    except (ValueError, OSError) as e:  # bad input: one line, as `diffedit eval` says it
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 
