@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict

@@ -30,7 +30,8 @@ def parse(source: str) -> nbformat.NotebookNode:
     def flush() -> None:
         text = "\n".join(lines).strip("\n")
         if kind == "markdown":
-            cells.append(nbformat.v4.new_markdown_cell("\n".join(l[2:] if l.startswith("# ") else l.lstrip("#") for l in text.splitlines())))
+            body = (l[2:] if l.startswith("# ") else l.lstrip("#") for l in text.splitlines())
+            cells.append(nbformat.v4.new_markdown_cell("\n".join(body)))
         elif kind == "code" and text:
             cells.append(nbformat.v4.new_code_cell(text))
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for source in sources:
             start = time.perf_counter()
             out = execute(source, out_dir)
-            print(f"{source.stem}: executed in {time.perf_counter() - start:.0f} s -> {out if not args.check else 'ok'}")
+            where = out if not args.check else "ok"
+            print(f"{source.stem}: executed in {time.perf_counter() - start:.0f} s -> {where}")
     return 0
 
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import run as run_module
 from diffedit import run_metrics
 from diffedit.run_metrics import (CLIP_EDITED, CLIP_WHOLE, LPIPS, MODEL_METRIC_NAMES, STRUCTURE, DinoKeys,
                                   ModelMetrics, background_lpips, clip_similarity, dino_input, keys_self_similarity,

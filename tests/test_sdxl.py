@@ -59,7 +59,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusion:
 
 def sdxl_pipeline(model: StableDiffusion) -> Any:
     """diffusers' StableDiffusionXLPipeline holding our model's tensors (renamed, not copied) and text encoders."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from weights_convert.diffusers import unet_to_diffusers, vae_to_diffusers
 

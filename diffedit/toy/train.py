@@ -46,7 +46,8 @@ from diffedit.text import load_tokenizer, tokenize, write_tokenizer
 from diffedit.toy import TOY_CONFIG
 from diffedit.toy.world import COLOURS, SHAPES, WORDS, edit_object, heldout_scene, render, to_tensor, training_scene
 
-VAE_STREAM, UNET_STREAM, LOCALITY_STREAM = 0, 10**9, 2 * 10**9  # index offsets of the two phases' scenes within the seed's stream
+# Index offsets of the two phases' scenes within the seed's stream.
+VAE_STREAM, UNET_STREAM, LOCALITY_STREAM = 0, 10**9, 2 * 10**9
 SAMPLE_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle",
                   "a red square and a blue circle", "a green circle and a yellow triangle"]
 
@@ -174,7 +175,8 @@ def locality_batch(args: argparse.Namespace, step: int, rng: np.random.Generator
             edited = edit_object(scene, j, shape=str(rng.choice([s for s in SHAPES if s != obj.shape])))
         (src, src_masks), (tgt, tgt_masks) = render(scene), render(edited)
         sources.append(src), targets.append(tgt), masks.append(src_masks[j] | tgt_masks[j])
-    return to_tensor(np.stack(sources)), to_tensor(np.stack(targets)), torch.from_numpy(np.stack(masks))[:, None].float()
+    masks_tensor = torch.from_numpy(np.stack(masks))[:, None].float()
+    return to_tensor(np.stack(sources)), to_tensor(np.stack(targets)), masks_tensor
 
 
 def train_decoder_locality(model: StableDiffusion, args: argparse.Namespace, generator: torch.Generator) -> int:
@@ -272,7 +274,9 @@ def train_unet(model: StableDiffusion, args: argparse.Namespace, generator: torc
     return step, float(running if running is not None else float("nan"))
 
 
-def checkpoint(model: StableDiffusion, params: list[Tensor], ema: list[Tensor], work: Path, step: int, loss: float) -> None:
+def checkpoint(
+    model: StableDiffusion, params: list[Tensor], ema: list[Tensor], work: Path, step: int, loss: float
+) -> None:
     """Write the model with its EMA weights to work/checkpoint, and a sample grid beside it."""
     with torch.no_grad():
         current = [p.detach().clone() for p in params]
@@ -281,7 +285,8 @@ def checkpoint(model: StableDiffusion, params: list[Tensor], ema: list[Tensor], 
         model.provenance = {"source": "checkpoint of diffedit.toy.train", "unet_steps": step, "loss": loss}
         model.eval()
         model.save(work / "checkpoint", force=True)
-        save_grid(sample(model, SAMPLE_PROMPTS, torch.Generator().manual_seed(0), steps=25), work / f"samples_{step:06d}.png")
+        grid = sample(model, SAMPLE_PROMPTS, torch.Generator().manual_seed(0), steps=25)
+        save_grid(grid, work / f"samples_{step:06d}.png")
         for c, p in zip(current, params):
             p.copy_(c)
     model.unet.train(), model.text_encoder.train()
@@ -317,7 +322,9 @@ def build_model(seed: int) -> StableDiffusion:
     with tempfile.TemporaryDirectory(prefix="diffedit-toy-") as tmp:
         vocab = write_tokenizer(tmp, WORDS, pad_token=TOY_CONFIG.text.pad_token)
         if vocab != TOY_CONFIG.text.vocab_size:
-            raise RuntimeError(f"the world's tokenizer has {vocab} tokens; update TOY_VOCAB_SIZE ({TOY_CONFIG.text.vocab_size})")
+            raise RuntimeError(
+                f"the world's tokenizer has {vocab} tokens; update TOY_VOCAB_SIZE ({TOY_CONFIG.text.vocab_size})"
+            )
         tokenizer = load_tokenizer(tmp, TOY_CONFIG.text)
     return StableDiffusion(TOY_CONFIG, tokenizer)
 
@@ -326,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffedit.toy.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (replaced if it exists)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="time budget of phases (a) and (b), split 2:13 (default 10 + 65 minutes; (a2) has its own, 6)")
+                        help="time budget of phases (a) and (b), split 2:13 "
+                             "(default 10 + 65 minutes; (a2) has its own, 6)")
     parser.add_argument("--vae-minutes", type=float, default=None)
     parser.add_argument("--unet-minutes", type=float, default=None)
     parser.add_argument("--vae-steps", type=int, default=None, help="a fixed step count (reproducible run)")
@@ -413,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"phase (a): VAE, {args.vae_minutes} min / {args.vae_steps} steps")
     vae_steps = train_vae(model, args, generator)
     vae_psnr, scaling = measure_vae(model.vae)
-    model.config = dataclasses.replace(model.config, vae=dataclasses.replace(model.config.vae, scaling_factor=round(scaling, 5)))
+    vae_config = dataclasses.replace(model.config.vae, scaling_factor=round(scaling, 5))
+    model.config = dataclasses.replace(model.config, vae=vae_config)
     log(f"VAE: {vae_steps} steps, held-out PSNR {vae_psnr:.2f} dB, scaling factor {scaling:.5f}")
     log(f"phase (a2): decoder locality, {args.locality_minutes} min / {args.locality_steps} steps")
     locality_steps = train_decoder_locality(model, args, generator)

@@ -25,7 +25,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 205, 35),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"grey": (150, 150, 150), "white": (235, 235, 235), "beige": (225, 210, 180)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "grey": (150, 150, 150), "white": (235, 235, 235), "beige": (225, 210, 180)
+}
 TEXTURES = ("flat", "gradient", "stripes")
 WORDS = ["a", "and", *COLOURS, *SHAPES]  # every word a caption can use (the tokenizer's vocabulary)
 MIN_RADIUS, MAX_RADIUS = 8, 13  # half the side of an object's bounding box, in pixels
