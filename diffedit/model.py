@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers import CLIPTokenizer
 
 from .configs import ModelConfig
@@ -201,9 +202,12 @@ class StableDiffusion(nn.Module):
             # waits for the GPU at every step. Same values: the UNet makes an int64 tensor of t either way.
             t = torch.full((), t, dtype=torch.long, device=x.device)
         # An attention hook is Python that sees every map: it runs eagerly (compiled, each step's hook would be a
-        # new graph). forward() alone is what nn.Module.compile() leaves uncompiled.
-        unet = self.unet.forward if attention_hook is not None and self.compile_mode is not None else self.unet
-        graphs = self.compile_mode in CUDA_GRAPH_MODES and attention_hook is None
+        # new graph). forward() alone is what nn.Module.compile() leaves uncompiled. So does a call under a torch
+        # dispatch mode (FlopCounterMode, debug modes): Dynamo would not trace it, and it would mark the UNet's code
+        # as skipped for good, so every later call would run eagerly too (seen with torch 2.13).
+        eager = attention_hook is not None or is_in_torch_dispatch_mode()
+        unet = self.unet.forward if eager and self.compile_mode is not None else self.unet
+        graphs = self.compile_mode in CUDA_GRAPH_MODES and not eager
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last replay's outputs are done
         if not self.config.unet.added_conditioning:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffedit import edit, generate_mask, invert
 from diffedit.model import StableDiffusion, load
@@ -166,6 +167,19 @@ def test_attention_hook_runs_eagerly_on_a_compiled_unet(tokenizer_dir: Path) -> 
     hooked = model.unet_output(x, 301, cond, attention_hook=lambda probs, is_cross, place: seen.append(place))
     assert seen and graphs() == 1, "the hook was traced instead of run"
     assert rel(hooked, plain) < TOLERANCE
+
+
+def test_a_first_call_under_a_dispatch_mode_leaves_the_unet_compilable(tokenizer_dir: Path) -> None:
+    """FLOP counting before timing (what bench/ does): left to Dynamo, a compiled UNet first called under
+    FlopCounterMode would be marked skipped and run eagerly ever after, with no error (torch 2.13)."""
+    model = make_tiny_model(tokenizer_dir).compile_unet(backend="aot_eager")
+    x, cond = torch.randn(1, 4, 8, 8, generator=seeded(4)), model.encode_prompt("a photo")
+    with FlopCounterMode(display=False) as counter:
+        counted = model.unet_output(x, 301, cond)
+    assert counter.get_total_flops() > 0 and graphs() == 0, "the counted call was not the eager forward"
+    compiled = compiled_or_skip(lambda: model.unet_output(x, 301, cond))
+    assert graphs() == 1, "the UNet no longer compiles after a call under a dispatch mode"
+    assert rel(compiled, counted) < TOLERANCE
 
 
 @pytest.mark.slow
