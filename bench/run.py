@@ -780,7 +780,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet-reps", type=int, default=5, help="timed UNet forwards per side")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda: fp16, channels_last)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both UNets after the fidelity check, warm up, then time (no component timing)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both UNets after the fidelity check, warm up, then time (no component timing)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-paper", action="store_true", help="skip our default (paper) mode, informational")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
