@@ -562,10 +562,10 @@ def timed_reps(sub: Subject, pipe: Any, s: Settings, rec: Recorder, sides: list[
 def compile_both(sub: Subject, pipe: Any, s: Settings, rec: Recorder, sides: list[str], name: str) -> None:
     """Compile both UNets (the bulk of the work), then one untimed run per side: every batch shape's warm-up.
 
-    After the fidelity check, not before: a diffusers UNet compiled with torch.compile and first called under
-    FlopCounterMode (the check counts FLOPs) is marked skipped by Dynamo and runs eagerly ever after (torch 2.13);
-    ours runs such a call eagerly itself (StableDiffusion._unet). The compiled graphs are therefore not checked
-    for fidelity here: tests/test_compile.py holds them to eager's numbers."""
+    After the fidelity check, not before: a compiled UNet first called under FlopCounterMode (the check counts
+    FLOPs) is marked skipped by Dynamo and runs eagerly ever after (torch 2.13); ours avoids that itself
+    (StableDiffusion._unet runs such a call through forward()), diffusers' does not. The compiled graphs are
+    therefore not checked for fidelity here: tests/test_compile.py holds them to eager's numbers."""
     sub.model.compile_unet()
     pipe.unet.compile()
     for side in sides:

@@ -205,8 +205,8 @@ class StableDiffusion(nn.Module):
         # new graph). forward() alone is what nn.Module.compile() leaves uncompiled. So does a call under a torch
         # dispatch mode (FlopCounterMode, debug modes): Dynamo would not trace it, and it would mark the UNet's code
         # as skipped for good, so every later call would run eagerly too (seen with torch 2.13).
-        eager = attention_hook is not None or is_in_torch_dispatch_mode()
-        unet = self.unet.forward if eager and self.compile_mode is not None else self.unet
+        eager = self.compile_mode is not None and (attention_hook is not None or is_in_torch_dispatch_mode())
+        unet = self.unet.forward if eager else self.unet
         graphs = self.compile_mode in CUDA_GRAPH_MODES and not eager
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last replay's outputs are done
